@@ -1,0 +1,13 @@
+"""dpq — Distill, Prune, Quantize transformer text classifiers."""
+
+__version__ = "0.1.0"
+
+
+def load_model(path):
+    """Load a dpq model folder (checksums verified) as ``(model, tokenizer)`` in eval mode."""
+    from .models import load_model as _load
+
+    return _load(path)
+
+
+__all__ = ["load_model", "__version__"]

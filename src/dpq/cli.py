@@ -1,0 +1,189 @@
+"""The ``dpq`` command. Flags are generated from the recipe dataclasses, so a flag and a recipe key
+always mean the same thing. User mistakes end in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+
+from .errors import DpqError
+
+log = logging.getLogger("dpq")
+
+TRAIN_HELP = "training settings"
+
+
+def _add_settings(parser: argparse.ArgumentParser, cls, *, skip=(), title: str | None = None) -> None:
+    group = parser.add_argument_group(title or "settings")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Union:
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(dest=f.name, default=None, help=f"{f.metadata.get('help', '')} (default: {default})")
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif tp is list or typing.get_origin(tp) is list:
+            group.add_argument(flag, nargs="+", type=int if f.name in ("layer_map", "batch_sizes") else str, **kw)
+        else:
+            group.add_argument(flag, type=tp, metavar=f.name.upper(), **kw)
+
+
+def _given(args, cls, skip=()) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="folder of train/dev files, TRAIN,DEV paths, or hub id NAME[:CONFIG] "
+                                  "(default: $DPQ_DATA, else nyu-mll/glue:sst2)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of refusing the file")
+
+
+def _load_data(args, need=("train", "dev")):
+    from .data import load_data
+    from .recipe import DataSettings
+
+    spec = args.data or os.environ.get("DPQ_DATA") or DataSettings().path
+    return load_data(spec, skip_bad_rows=args.skip_bad_rows, need=need), spec
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .recipe import DistillSettings, EvaluateSettings, TeacherSettings
+
+    parser = argparse.ArgumentParser(prog="dpq", description="Distill, Prune, Quantize transformer text classifiers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run a recipe's stages end to end (finished, unchanged stages are skipped)")
+    p.add_argument("recipe", help="recipe YAML file, e.g. recipes/sst2.yaml")
+    p.add_argument("--profile", help="profile from the recipe's profiles section (e.g. fast, full)")
+    p.add_argument("--out", help="run folder (default: runs/NAME-PROFILE)")
+    p.add_argument("--data", help="override the recipe's data (default: $DPQ_DATA, else the recipe's)")
+    p.add_argument("--dry-run", action="store_true", help="say which stages would run and why, run nothing")
+
+    p = sub.add_parser("teacher", help="fine-tune a model on the labelled data (the teacher, or any baseline)")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--force", action="store_true", help="retrain even if --out is complete with the same settings")
+    _data_args(p)
+    _add_settings(p, TeacherSettings, title=TRAIN_HELP)
+
+    p = sub.add_parser("distill", help="distil a fine-tuned teacher into a student")
+    p.add_argument("--teacher", required=True, help="teacher artifact folder (from `dpq teacher`)")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--force", action="store_true", help="retrain even if --out is complete with the same settings")
+    _data_args(p)
+    _add_settings(p, DistillSettings, title="distillation and training settings")
+
+    p = sub.add_parser("evaluate", help="accuracy, size, GFLOPs and latency of model folders")
+    p.add_argument("models", nargs="+", metavar="DIR", help="model folders")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    _data_args(p)
+    _add_settings(p, EvaluateSettings, title="evaluation settings")
+    return parser
+
+
+def _cmd_run(args) -> None:
+    from .pipeline import run_recipe
+
+    run_recipe(args.recipe, profile=args.profile, out=args.out, data=args.data, dry_run=args.dry_run)
+
+
+def _cmd_teacher(args) -> None:
+    import dataclasses as dc
+
+    from .pipeline import run_stage
+    from .recipe import TeacherSettings, build
+    from .stages import finetune_stage
+
+    settings = build(TeacherSettings, _given(args, TeacherSettings), "teacher")
+    data, spec = _load_data(args)
+    stage_settings = dict(dc.asdict(settings), data={"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows})
+    out = Path(args.out)
+    run_stage("teacher", out, stage_settings, lambda: finetune_stage(settings, settings.model, data, out, kind="teacher",
+                                                                     stage_settings=stage_settings), force=args.force)
+
+
+def _cmd_distill(args) -> None:
+    import dataclasses as dc
+
+    from . import artifacts
+    from .pipeline import run_stage
+    from .recipe import DistillSettings, build
+    from .stages import distill_stage
+
+    settings = build(DistillSettings, _given(args, DistillSettings), "distill")
+    teacher = Path(args.teacher)
+    manifest = artifacts.read_manifest(teacher)
+    if manifest is None:
+        raise DpqError(f"{teacher}: no finished teacher here (run `dpq teacher --out {teacher}` first)")
+    data, spec = _load_data(args)
+    stage_settings = dict(dc.asdict(settings), data={"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows},
+                          teacher=manifest.get("settings_hash"))
+    out = Path(args.out)
+    run_stage("distill", out, stage_settings, lambda: distill_stage(settings, teacher, data, out,
+                                                                    stage_settings=stage_settings), force=args.force)
+
+
+def _cmd_evaluate(args) -> None:
+    from . import artifacts
+    from .recipe import EvaluateSettings, build
+    from .stages import evaluate_dirs, format_table
+
+    settings = build(EvaluateSettings, _given(args, EvaluateSettings), "evaluate")
+    for d in args.models:
+        if not Path(d).is_dir():
+            raise DpqError(f"{d}: no such model folder")
+    data, _ = _load_data(args, need=(settings.split,))
+    rows = evaluate_dirs([Path(d) for d in args.models], data, settings)
+    print(format_table(rows))
+    if args.json:
+        artifacts.write_json_atomic(Path(args.json), rows)
+
+
+COMMANDS = {"run": _cmd_run, "teacher": _cmd_teacher, "distill": _cmd_distill, "evaluate": _cmd_evaluate}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="dpq: %(message)s",
+                        stream=sys.stderr, force=True)
+    try:
+        _quiet_libraries()
+        COMMANDS[args.command](args)
+    except DpqError as e:
+        print(f"dpq: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("dpq: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

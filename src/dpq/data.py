@@ -1,0 +1,408 @@
+"""Labelled text data: GLUE-style TSV folders, CSV/JSONL files, or a Hugging Face dataset id.
+
+Everything a user can get wrong about a data file is caught here with a one-line ``DpqError`` naming
+the file and line. Batches are length-bucketed and dynamically padded: SST-2 sentences average 13
+tokens, so padding to a fixed 128 would waste most of the compute.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import DpqError
+
+log = logging.getLogger("dpq")
+
+TEXT_COLUMNS = ("sentence", "text")
+LABEL_COLUMN = "label"
+SPLIT_NAMES = {"train": ("train",), "dev": ("dev", "validation", "valid", "val")}
+SUFFIXES = (".tsv", ".csv", ".jsonl")
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
+csv.field_size_limit(1 << 24)
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: list[int]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for t, y in zip(self.texts, self.labels):
+            h.update(t.encode())
+            h.update(b"\t%d\n" % y)
+        return h.hexdigest()[:16]
+
+    def subset(self, n: int | None, seed: int) -> "Split":
+        if n is None or n >= len(self):
+            return self
+        idx = sorted(random.Random(seed).sample(range(len(self)), n))
+        return Split([self.texts[i] for i in idx], [self.labels[i] for i in idx], f"{self.source}[{n} of {len(self)}]")
+
+
+@dataclass
+class TextData:
+    splits: dict[str, Split]
+    label_names: list[str]
+    source: str
+    skipped_rows: int = 0
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise DpqError(f"{self.source}: no '{name}' split (found: {', '.join(sorted(self.splits)) or 'none'})")
+        return self.splits[name]
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DpqError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8") from None
+
+
+def _rows_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict | None, str]]:
+    text = _decode(path)
+    lines = text.splitlines()
+    if not lines:
+        raise DpqError(f"{path}: empty file (expected a header line with 'sentence' and 'label')")
+    if delimiter == "\t":
+        # GLUE TSVs are unquoted and contain bare quote characters: parse fields literally
+        header = lines[0].split("\t")
+        width = len(header)
+        for n, line in enumerate(lines[1:], start=2):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != width:
+                yield n, None, f"{len(fields)} fields, header has {width}"
+            else:
+                yield n, dict(zip(header, fields)), ""
+        return
+    reader = csv.reader(lines, delimiter=delimiter)
+    header = next(reader)
+    width = len(header)
+    for fields in reader:
+        n = reader.line_num
+        if not fields or not any(f.strip() for f in fields):
+            continue
+        if len(fields) != width:
+            yield n, None, f"{len(fields)} fields, header has {width}"
+        else:
+            yield n, dict(zip(header, fields)), ""
+
+
+def _rows_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str]]:
+    for n, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield n, None, f"invalid JSON ({e.msg})"
+            continue
+        if not isinstance(obj, dict):
+            yield n, None, "not a JSON object"
+        else:
+            yield n, obj, ""
+
+
+def _header_of(path: Path) -> list[str] | None:
+    if path.suffix == ".jsonl":
+        return None
+    first = _decode(path).splitlines()[:1]
+    if not first:
+        return []
+    return first[0].split("\t") if path.suffix == ".tsv" else next(csv.reader(first))
+
+
+def read_file(path: Path, *, skip_bad_rows: bool = False) -> tuple[list[str], list[str], int]:
+    """Return (texts, raw labels, skipped count) from one TSV/CSV/JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DpqError(f"{path}: file not found")
+    if path.suffix not in SUFFIXES:
+        raise DpqError(f"{path}: unsupported file type '{path.suffix}' (use .tsv, .csv or .jsonl)")
+    header = _header_of(path)
+    if header is not None:
+        missing = [c for c in ("sentence|text", LABEL_COLUMN) if not set(c.split("|")) & set(header)]
+        if missing:
+            raise DpqError(f"{path}: header has no {' or '.join(repr(m) for m in missing)} column (header: {header})")
+    rows = _rows_jsonl(path) if path.suffix == ".jsonl" else _rows_delimited(path, "\t" if path.suffix == ".tsv" else ",")
+    texts, labels, bad = [], [], []
+    for n, row, why in rows:
+        if row is not None:
+            key = next((c for c in TEXT_COLUMNS if c in row), None)
+            if key is None or LABEL_COLUMN not in row:
+                why = "no 'sentence' or 'label' field"
+            elif row[LABEL_COLUMN] is None or str(row[LABEL_COLUMN]).strip() == "":
+                why = "empty label"
+            elif row[key] is not None and not isinstance(row[key], str):
+                why = f"text is {type(row[key]).__name__}, not a string"
+            else:
+                texts.append(row[key] or "")
+                labels.append(str(row[LABEL_COLUMN]).strip())
+                continue
+        bad.append((n, why))
+    if bad and not skip_bad_rows:
+        shown = ", ".join(f"line {n} ({why})" for n, why in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DpqError(f"{path}: {len(bad)} malformed row(s): {shown}{more}; fix them or pass --skip-bad-rows")
+    if bad:
+        log.warning("%s: skipped %d malformed row(s) (first at line %d)", path, len(bad), bad[0][0])
+    return texts, labels, len(bad)
+
+
+def _label_order(raw: Sequence[str]) -> list[str]:
+    uniq = set(raw)
+    if all(re.fullmatch(r"-?\d+", v) for v in uniq):
+        return [str(v) for v in sorted(int(v) for v in uniq)]
+    return sorted(uniq)
+
+
+def _to_ids(path: str, raw: list[str], names: list[str]) -> list[int]:
+    index = {n: i for i, n in enumerate(names)}
+    for i, v in enumerate(raw):
+        if v not in index:
+            raise DpqError(f"{path}: label '{v}' (row {i + 1}) is not one of the classes {names}")
+    return [index[v] for v in raw]
+
+
+def _find_split_file(folder: Path, split: str) -> Path | None:
+    for stem in SPLIT_NAMES[split]:
+        for suffix in SUFFIXES:
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    return None
+
+
+def load_files(train: Path | None, dev: Path | None, *, labels: list[str] | None = None,
+               skip_bad_rows: bool = False, source: str = "") -> TextData:
+    raw: dict[str, tuple[Path, list[str], list[str]]] = {}
+    skipped = 0
+    for name, path in (("train", train), ("dev", dev)):
+        if path is None:
+            continue
+        texts, y, s = read_file(path, skip_bad_rows=skip_bad_rows)
+        skipped += s
+        if not texts:
+            raise DpqError(f"{path}: the {name} split is empty")
+        raw[name] = (path, texts, y)
+    if labels is None:
+        base = raw.get("train") or raw.get("dev")
+        labels = _label_order(base[2])
+    labels = [str(v) for v in labels]
+    if len(labels) < 2:
+        raise DpqError(f"{source}: only one class ({labels}) found; a classifier needs at least two")
+    splits = {name: Split(texts, _to_ids(str(path), y, labels), str(path)) for name, (path, texts, y) in raw.items()}
+    return TextData(splits, labels, source or str(train or dev), skipped)
+
+
+def load_hub(spec: str, *, labels: list[str] | None = None) -> TextData:
+    name, _, config = spec.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config or None)
+    except Exception as e:  # offline, unknown id, gated: one line, not the library's traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DpqError(f"data '{spec}': not a local path and could not be loaded from the Hugging Face Hub ({first[:200]})") from None
+    splits = {}
+    label_names = labels
+    for split, aliases in SPLIT_NAMES.items():
+        key = next((a for a in aliases if a in ds), None)
+        if key is None:
+            continue
+        part = ds[key]
+        text_col = next((c for c in TEXT_COLUMNS if c in part.column_names), None)
+        if text_col is None or LABEL_COLUMN not in part.column_names:
+            raise DpqError(f"data '{spec}': split '{key}' has no sentence/label columns ({part.column_names})")
+        if label_names is None:
+            feat = part.features[LABEL_COLUMN]
+            label_names = list(getattr(feat, "names", None) or _label_order([str(v) for v in part[LABEL_COLUMN]]))
+        ys = [int(v) for v in part[LABEL_COLUMN]]
+        bad = [i for i, v in enumerate(ys) if not 0 <= v < len(label_names)]
+        if bad:
+            raise DpqError(f"data '{spec}': split '{key}' row {bad[0] + 1} has label {ys[bad[0]]} outside the classes {label_names}")
+        splits[split] = Split(list(part[text_col]), ys, f"{spec}/{key}")
+    if not splits:
+        raise DpqError(f"data '{spec}': no train or validation split")
+    return TextData(splits, list(map(str, label_names)), spec)
+
+
+def load_data(spec: str | os.PathLike, *, labels: list[str] | None = None, skip_bad_rows: bool = False,
+              need: Sequence[str] = ("train", "dev")) -> TextData:
+    """Load ``spec``: a folder of split files, ``TRAIN,DEV`` file paths, or a hub id like ``nyu-mll/glue:sst2``."""
+    spec_s = str(spec)
+    path = Path(spec_s).expanduser()
+    if path.is_dir():
+        found = {s: _find_split_file(path, s) for s in SPLIT_NAMES}
+        for s in need:
+            if found[s] is None:
+                want = " or ".join(f"{SPLIT_NAMES[s][0]}{x}" for x in SUFFIXES)
+                raise DpqError(f"{path}: no {s} split (expected {want})")
+        data = load_files(found["train"] if "train" in need else None, found["dev"] if "dev" in need else None,
+                          labels=labels, skip_bad_rows=skip_bad_rows, source=str(path))
+    elif "," in spec_s:
+        parts = [Path(p.strip()).expanduser() for p in spec_s.split(",")]
+        if len(parts) != 2:
+            raise DpqError(f"data '{spec_s}': give a folder, or exactly two files TRAIN,DEV")
+        data = load_files(parts[0], parts[1], labels=labels, skip_bad_rows=skip_bad_rows, source=spec_s)
+    elif path.is_file():
+        raise DpqError(f"{path}: give the folder holding train/dev files, or TRAIN,DEV file paths")
+    elif HUB_ID.match(spec_s) and not spec_s.startswith((".", "/", "~")):
+        data = load_hub(spec_s, labels=labels)
+    else:
+        raise DpqError(f"data '{spec_s}': no such file or folder")
+    for s in need:
+        data.split(s)
+    return data
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids without padding; returns (ids, number of texts truncated to ``max_length``)."""
+    enc = tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]
+    truncated = 0
+    out = []
+    for ids in enc:
+        if len(ids) > max_length:
+            truncated += 1
+            ids = ids[: max_length - 1] + ids[-1:]  # keep the closing special token
+        out.append(ids)
+    if truncated:
+        log.warning("%d of %d texts longer than %d tokens were truncated", truncated, len(texts), max_length)
+    return out, truncated
+
+
+@dataclass
+class EncodedSplit(torch.utils.data.Dataset):
+    """Tokenized examples; ``extra`` holds per-example id lists for a second tokenizer (the teacher's)."""
+
+    input_ids: list[list[int]]
+    labels: list[int]
+    extra: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"input_ids": self.input_ids[i], "labels": self.labels[i], "index": i}
+        for k, v in self.extra.items():
+            item[k] = v[i]
+        return item
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.input_ids]
+
+    def mean_length(self) -> float:
+        return sum(self.lengths) / max(1, len(self))
+
+
+def encode_split(split: Split, tokenizer, max_length: int, teacher_tokenizer=None) -> EncodedSplit:
+    ids, _ = tokenize(tokenizer, split.texts, max_length)
+    extra = {}
+    if teacher_tokenizer is not None:
+        extra["teacher_input_ids"], _ = tokenize(teacher_tokenizer, split.texts, max_length)
+    return EncodedSplit(ids, list(split.labels), extra)
+
+
+class Collator:
+    """Pads every ``*input_ids`` field to the longest in the batch and adds its attention mask."""
+
+    def __init__(self, pad_ids: dict[str, int]):
+        self.pad_ids = pad_ids
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {
+            "labels": torch.tensor([it["labels"] for it in items]),
+            "index": torch.tensor([it["index"] for it in items]),
+        }
+        for key, pad in self.pad_ids.items():
+            seqs = [it[key] for it in items]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            prefix = key[: -len("input_ids")]
+            batch[key] = ids
+            batch[f"{prefix}attention_mask"] = mask
+        return batch
+
+
+class LengthBucketSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of similar-length examples, in an order fixed by (seed, epoch) so a resumed run sees the same data.
+
+    Shuffle, cut into pools of ``pool`` batches, sort each pool by length, cut into batches, shuffle the batches.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int = 0, pool: int = 50):
+        if batch_size < 1:
+            raise DpqError(f"batch size must be at least 1 (got {batch_size})")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.pool = pool
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def batches(self) -> list[list[int]]:
+        idx = list(range(len(self.lengths)))
+        if not self.shuffle:
+            idx.sort(key=lambda i: self.lengths[i])
+            return [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        rng.shuffle(idx)
+        span = self.batch_size * self.pool
+        out = []
+        for p in range(0, len(idx), span):
+            chunk = sorted(idx[p : p + span], key=lambda i: self.lengths[i])
+            out += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(out)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches()[self.start :]
+
+    def __len__(self) -> int:
+        return max(0, -(-len(self.lengths) // self.batch_size) - self.start)
+
+
+def make_loader(ds: EncodedSplit, pad_ids: dict[str, int], batch_size: int, *, shuffle: bool, seed: int = 0):
+    sampler = LengthBucketSampler(ds.lengths, batch_size, shuffle=shuffle, seed=seed)
+    # a private generator: creating an iterator must not draw from the global RNG, or a resumed run's
+    # dropout masks would differ from an uninterrupted one's
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(pad_ids),
+                                       generator=torch.Generator().manual_seed(seed))

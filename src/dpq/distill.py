@@ -1,0 +1,132 @@
+"""Knowledge-distillation losses (a model transform's loss side; the stage that runs it is in stages.py).
+
+    L = (1-α)·CE(y, p_S) + α·T²·KL(p_T^T || p_S^T) + β_h·hidden-MSE + β_a·attention-KL
+
+Hidden states of different widths are compared through learned linear projections (student → teacher),
+one per mapped layer; attention maps are compared head by head where the head counts match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DpqError
+
+
+@dataclass
+class KDConfig:
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the soft-label term; 1-alpha goes to cross-entropy with the true labels
+    hidden_weight: float = 0.0
+    attention_weight: float = 0.0
+    # teacher layer (1-based) matched to each student layer 1..L_s; None = evenly spaced (e.g. 2,4,..,12 for 12 → 6)
+    layer_map: list[int] | None = field(default=None)
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise DpqError(f"temperature must be > 0 (got {self.temperature})")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise DpqError(f"alpha must be in [0, 1] (got {self.alpha})")
+        if self.hidden_weight < 0 or self.attention_weight < 0:
+            raise DpqError("hidden_weight and attention_weight must be >= 0")
+
+    @property
+    def needs_teacher_forward(self) -> bool:
+        return self.hidden_weight > 0 or self.attention_weight > 0
+
+
+def soft_label_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)), averaged over the batch (Hinton et al., 2015)."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t
+
+
+def default_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    return [round((i + 1) * teacher_layers / student_layers) for i in range(student_layers)]
+
+
+def _common_mask(s_mask: torch.Tensor, t_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Positions both tokenizations fill; same-vocabulary tokenizers line up token for token."""
+    width = min(s_mask.shape[1], t_mask.shape[1])
+    return (s_mask[:, :width] * t_mask[:, :width]).float(), width
+
+
+def hidden_mse(s_hidden, t_hidden, projections, layer_map, s_mask, t_mask) -> torch.Tensor:
+    mask, w = _common_mask(s_mask, t_mask)
+    total = s_hidden[0].new_zeros((), dtype=torch.float32)
+    denom = mask.sum().clamp_min(1.0)
+    for i, (proj, j) in enumerate(zip(projections, layer_map)):
+        s = proj(s_hidden[i + 1][:, :w].float())  # hidden_states[0] is the embedding output
+        t = t_hidden[j][:, :w].float()
+        total = total + (((s - t) ** 2).mean(-1) * mask).sum() / denom
+    return total / len(layer_map)
+
+
+def attention_kl(s_attn, t_attn, layer_map, s_mask, t_mask) -> torch.Tensor:
+    """KL(teacher ‖ student) between attention distributions of matched layers, over real query rows."""
+    mask, w = _common_mask(s_mask, t_mask)
+    total = s_attn[0].new_zeros((), dtype=torch.float32)
+    rows = mask.sum().clamp_min(1.0) * s_attn[0].shape[1]
+    for i, j in enumerate(layer_map):
+        s = s_attn[i][:, :, :w, :w].float()
+        t = t_attn[j - 1][:, :, :w, :w].float()
+        # renormalise over the common key positions; clamp keeps log finite where a probability underflows
+        s = s / s.sum(-1, keepdim=True).clamp_min(1e-12)
+        t = t / t.sum(-1, keepdim=True).clamp_min(1e-12)
+        kl = (t * (t.clamp_min(1e-12).log() - s.clamp_min(1e-12).log())).sum(-1)  # B,H,Lq
+        total = total + (kl * mask[:, None, :]).sum() / rows
+    return total / len(layer_map)
+
+
+class FixedWeighting(nn.Module):
+    """Convex mix of the task and KD losses with a fixed α; the interface learnable weightings implement too."""
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, task: torch.Tensor, kd: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return (1 - self.alpha) * task + self.alpha * kd, {}
+
+
+class KDLoss(nn.Module):
+    """All distillation terms for one student/teacher pair; owns the trained projections."""
+
+    def __init__(self, cfg: KDConfig, student_config, teacher_config, weighting: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        ls, lt = student_config.num_hidden_layers, teacher_config.num_hidden_layers
+        self.layer_map = list(cfg.layer_map) if cfg.layer_map else default_layer_map(ls, lt)
+        if cfg.needs_teacher_forward:
+            if len(self.layer_map) != ls:
+                raise DpqError(f"layer_map has {len(self.layer_map)} entries; the student has {ls} layers")
+            if any(not 1 <= j <= lt for j in self.layer_map):
+                raise DpqError(f"layer_map entries must be teacher layers 1..{lt} (got {self.layer_map})")
+        if cfg.attention_weight > 0 and student_config.num_attention_heads != teacher_config.num_attention_heads:
+            raise DpqError(f"attention KD needs equal head counts (student {student_config.num_attention_heads}, "
+                           f"teacher {teacher_config.num_attention_heads}); set attention_weight to 0")
+        hs, ht = student_config.hidden_size, teacher_config.hidden_size
+        n = ls if cfg.hidden_weight > 0 else 0
+        self.projections = nn.ModuleList(nn.Linear(hs, ht) if hs != ht else nn.Identity() for _ in range(n))
+        self.weighting = weighting if weighting is not None else FixedWeighting(cfg.alpha)
+
+    def forward(self, s_out, labels, teacher_logits, t_out=None, s_mask=None, t_mask=None) -> tuple[torch.Tensor, dict]:
+        task = F.cross_entropy(s_out.logits.float(), labels)
+        kd = soft_label_kd(s_out.logits, teacher_logits, self.cfg.temperature)
+        total, logs = self.weighting(task, kd)
+        logs = dict(logs, ce=task.detach(), kd=kd.detach())
+        if self.cfg.hidden_weight > 0:
+            h = hidden_mse(s_out.hidden_states, t_out.hidden_states, self.projections, self.layer_map, s_mask, t_mask)
+            total = total + self.cfg.hidden_weight * h
+            logs["hidden"] = h.detach()
+        if self.cfg.attention_weight > 0:
+            a = attention_kl(s_out.attentions, t_out.attentions, self.layer_map, s_mask, t_mask)
+            total = total + self.cfg.attention_weight * a
+            logs["attention"] = a.detach()
+        return total, logs

@@ -1,0 +1,105 @@
+"""Measurements every stage and the report share: accuracy, size, FLOPs, latency.
+
+Latency is the median of repeated runs after warm-up, on fixed-shape inputs at the split's mean token
+length, with the thread count recorded, so two models measured in one process compare fairly.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from .data import EncodedSplit, make_loader
+
+
+@torch.no_grad()
+def predict_logits(model, ds: EncodedSplit, pad_ids: dict[str, int], batch_size: int = 64, key: str = "input_ids") -> torch.Tensor:
+    """Logits for every example of ``ds``, in dataset order."""
+    model.eval()
+    device = next(model.parameters()).device
+    loader = make_loader(ds, pad_ids, batch_size, shuffle=False)
+    prefix = key[: -len("input_ids")]
+    out = torch.empty(len(ds), model.config.num_labels)
+    for batch in loader:
+        logits = model(input_ids=batch[key].to(device), attention_mask=batch[f"{prefix}attention_mask"].to(device)).logits
+        out[batch["index"]] = logits.float().cpu()
+    return out
+
+
+def accuracy_and_loss(logits: torch.Tensor, labels) -> dict:
+    y = torch.as_tensor(labels)
+    return {"accuracy": (logits.argmax(-1) == y).float().mean().item(), "loss": F.cross_entropy(logits, y).item()}
+
+
+def evaluate_model(model, ds: EncodedSplit, pad_ids: dict[str, int], batch_size: int = 64) -> dict:
+    return accuracy_and_loss(predict_logits(model, ds, pad_ids, batch_size), ds.labels)
+
+
+def weights_size_mb(folder: Path) -> float:
+    """On-disk size of the weight files (safetensors or ONNX, with external data), in MB (10^6 bytes)."""
+    folder = Path(folder)
+    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".onnx", ".data") or p.name.endswith(".onnx_data")]
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+def dummy_batch(model, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(5, vocab, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def gflops_per_example(model, seq_len: int) -> float:
+    """Forward GFLOPs for one example of ``seq_len`` tokens (matmuls including attention's QK^T and AV).
+
+    Counted under eager attention: fused SDPA kernels on CPU are not all known to the counter.
+    """
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(**dummy_batch(model, 1, seq_len))
+    finally:
+        if impl not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(impl)
+    return counter.get_total_flops() / 1e9
+
+
+@torch.no_grad()
+def latency_ms(run, *, warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall time of ``run()`` in ms after ``warmup`` calls."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def torch_latency_ms(model, batch_size: int, seq_len: int, *, warmup: int = 3, repeats: int = 10) -> float:
+    model.eval()
+    batch = dummy_batch(model, batch_size, seq_len)
+    return latency_ms(lambda: model(**batch), warmup=warmup, repeats=repeats)
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

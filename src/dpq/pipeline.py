@@ -1,0 +1,131 @@
+"""``dpq run``: the recipe's stages in order, each skipped when its artifact is complete and its settings
+(including everything upstream) are unchanged, and resumed from its checkpoint when it was interrupted."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from . import artifacts
+from .data import TextData, load_data
+from .errors import DpqError
+from .recipe import Recipe, dump_recipe, load_recipe
+from .stages import check_writable, distill_stage, evaluate_dirs, finetune_stage, format_table, work_dir_for
+
+log = logging.getLogger("dpq")
+
+
+def stage_status(out: Path, settings: dict) -> tuple[bool, str]:
+    """(needs to run, why)."""
+    manifest = artifacts.read_manifest(out)
+    if manifest is None:
+        if (work_dir_for(out) / "checkpoint").is_dir():
+            return True, "interrupted earlier: resumes from its checkpoint"
+        return True, "not run yet"
+    if manifest.get("settings_hash") != artifacts.settings_hash(settings):
+        old = manifest.get("settings", {})
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        return True, f"settings changed: {', '.join(changed) or 'format'}"
+    return False, "complete, settings unchanged"
+
+
+def run_stage(name: str, out: Path, settings: dict, runner: Callable[[], Path], *, force: bool = False) -> Path:
+    todo, why = stage_status(out, settings)
+    if not todo and not force:
+        log.info("%s: %s, skipped (%s)", name, why, out)
+        return out
+    log.info("%s: running (%s)", name, why if not force else "forced")
+    return runner()
+
+
+def data_settings(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe.data)
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, run_dir: Path):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self._data: TextData | None = None
+
+    @property
+    def data(self) -> TextData:
+        if self._data is None:
+            d = self.recipe.data
+            self._data = load_data(d.path, labels=d.labels, skip_bad_rows=d.skip_bad_rows)
+            log.info("data %s: %s", d.path, ", ".join(f"{k} {len(v)}" for k, v in self._data.splits.items()))
+        return self._data
+
+    def plan(self) -> list[tuple[str, Path, dict, Callable[[], Path]]]:
+        r, run = self.recipe, self.run_dir
+        data = data_settings(r)
+        plan = []
+        teacher_s = dict(dataclasses.asdict(r.teacher), data=data)
+        plan.append(("teacher", run / "teacher", teacher_s,
+                     lambda: finetune_stage(r.teacher, r.teacher.model, self.data, run / "teacher", kind="teacher",
+                                            stage_settings=teacher_s)))
+        if r.baseline.enabled:
+            base_s = dict(dataclasses.asdict(r.baseline), model=r.distill.student, data=data)
+            plan.append(("baseline", run / "baseline", base_s,
+                         lambda: finetune_stage(r.baseline, r.distill.student, self.data, run / "baseline",
+                                                kind="baseline", stage_settings=base_s)))
+        distill_s = dict(dataclasses.asdict(r.distill), data=data, teacher=artifacts.settings_hash(teacher_s))
+        plan.append(("distill", run / "distilled", distill_s,
+                     lambda: distill_stage(r.distill, run / "teacher", self.data, run / "distilled",
+                                           stage_settings=distill_s)))
+        models_in = [p for name, p, _, _ in plan]
+        eval_s = dict(dataclasses.asdict(r.evaluate), data=data,
+                      inputs={name: artifacts.settings_hash(s) for name, _, s, _ in plan})
+        plan.append(("evaluate", run / "evaluation", eval_s, lambda: self._evaluate(models_in, eval_s)))
+        return plan
+
+    def _evaluate(self, dirs: list[Path], settings: dict) -> Path:
+        rows = evaluate_dirs(dirs, self.data, self.recipe.evaluate)
+        teacher = rows[0]
+        for row in rows:
+            for k in ("size_mb", "params", "gflops", "latency_ms_bs1", "latency_ms_bs32"):
+                if teacher.get(k) and row.get(k):
+                    row[f"{k}_vs_teacher"] = round(row[k] / teacher[k], 4)
+        out = self.run_dir / "evaluation"
+        with artifacts.artifact_dir(out, kind="evaluation", settings=settings) as tmp:
+            artifacts.write_json_atomic(tmp / "results.json", rows)
+            (tmp / "results.md").write_text(format_table(rows) + "\n")
+        print(format_table(rows))
+        return out
+
+    def run(self, *, dry_run: bool = False) -> list[tuple[str, bool, str]]:
+        steps = []
+        for name, out, settings, runner in self.plan():
+            todo, why = stage_status(out, settings)
+            steps.append((name, todo, why))
+            if dry_run:
+                continue
+            run_stage(name, out, settings, runner)
+        return steps
+
+
+def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | None, dry_run: bool = False) -> Path:
+    recipe = load_recipe(path, profile)
+    data = data or os.environ.get("DPQ_DATA")
+    if data:
+        recipe.data.path = data
+    run_dir = Path(out) if out else Path("runs") / (recipe.name + (f"-{profile}" if profile else ""))
+    pipe = Pipeline(recipe, run_dir)
+    if dry_run:
+        for name, todo, why in pipe.run(dry_run=True):
+            print(f"{name:10s} {'run ' if todo else 'skip'}  {why}")
+        return run_dir
+    check_writable(run_dir / "recipe.yaml")
+    _write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    pipe.run()
+    log.info("run complete: %s (results in %s)", run_dir, run_dir / "evaluation" / "results.md")
+    return run_dir
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,218 @@
+"""Recipes: one YAML file with a section per stage, profiles that override it, and strict validation.
+
+Every setting is a dataclass field with a default and a help text; the CLI builds its flags from the
+same fields, so a recipe key and a command-line flag can never drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import DpqError
+
+
+def opt(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataSettings:
+    path: str = opt("nyu-mll/glue:sst2", "folder of train/dev .tsv|.csv|.jsonl, TRAIN,DEV files, or a hub id NAME[:CONFIG]")
+    labels: typing.Optional[list] = opt(None, "class names in label-id order (default: sorted labels of the train split)")
+    skip_bad_rows: bool = opt(False, "skip malformed rows (with a count) instead of refusing the file")
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = opt(3, "passes over the training data", min=1)
+    lr: float = opt(5e-5, "peak learning rate (AdamW, linear warm-up then linear decay)", gt=0)
+    batch_size: int = opt(32, "examples per step", min=1)
+    max_length: int = opt(128, "longer inputs are truncated to this many tokens (with a warning count)", min=4)
+    max_train_samples: typing.Optional[int] = opt(None, "train on a seeded random subset of this size", min=1)
+    seed: int = opt(42, "seed for initialisation, data order and dropout")
+    warmup_ratio: float = opt(0.06, "fraction of steps spent warming the learning rate up", min=0, lt=1)
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms)", min=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", min=0)
+    eval_every: int = opt(0, "evaluate every N steps as well as after each epoch (0: epochs only)", min=0)
+    checkpoint_every: int = opt(100, "write a resumable checkpoint every N steps", min=1)
+
+
+@dataclass
+class TeacherSettings(TrainSettings):
+    model: str = opt("sentence-transformers/all-mpnet-base-v2", "teacher model: local folder, packaged id, or hub id")
+    lr: float = opt(2e-5, "peak learning rate", gt=0)
+
+
+@dataclass
+class BaselineSettings(TrainSettings):
+    """The student fine-tuned without distillation, so the report shows what KD added."""
+
+    enabled: bool = opt(True, "train the no-KD baseline")
+
+
+@dataclass
+class DistillSettings(TrainSettings):
+    student: str = opt("sentence-transformers/all-MiniLM-L6-v2", "student model: local folder, packaged id, or hub id")
+    lr: float = opt(1e-4, "peak learning rate", gt=0)
+    temperature: float = opt(2.0, "softmax temperature for the soft-label KL (loss scaled by T^2)", gt=0)
+    alpha: float = opt(0.5, "weight of the soft-label KD term; 1-alpha weights cross-entropy", min=0, max=1)
+    hidden_weight: float = opt(0.0, "weight of the hidden-state MSE (through a learned projection)", min=0)
+    attention_weight: float = opt(0.0, "weight of the attention-map KL (needs equal head counts)", min=0)
+    layer_map: typing.Optional[list] = opt(None, "teacher layer (1-based) for each student layer; default evenly spaced")
+
+
+@dataclass
+class EvaluateSettings:
+    split: str = opt("dev", "split to measure accuracy on")
+    latency_repeats: int = opt(10, "timed runs per latency figure (median reported)", min=1)
+    warmup: int = opt(3, "untimed runs before timing", min=0)
+    batch_sizes: list = opt([1, 32], "batch sizes to time")
+
+
+STAGES = {"teacher": TeacherSettings, "baseline": BaselineSettings, "distill": DistillSettings, "evaluate": EvaluateSettings}
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    data: DataSettings = field(default_factory=DataSettings)
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    baseline: BaselineSettings = field(default_factory=BaselineSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _did_you_mean(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if value is None:
+        raise DpqError(f"{where}: must not be empty")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise DpqError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
+            raise DpqError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise DpqError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)  # YAML reads 2e-5 as a string
+        except (TypeError, ValueError):
+            raise DpqError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise DpqError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise DpqError(f"{where}: expected a list, got {value!r}")
+        return value
+    return value
+
+
+def _check_bounds(obj, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if v is None or isinstance(v, (bool, list, str)):
+            continue
+        m = f.metadata
+        name = f"{where}.{f.name}"
+        if "min" in m and v < m["min"]:
+            raise DpqError(f"{name}: must be >= {m['min']} (got {v})")
+        if "max" in m and v > m["max"]:
+            raise DpqError(f"{name}: must be <= {m['max']} (got {v})")
+        if "gt" in m and not v > m["gt"]:
+            raise DpqError(f"{name}: must be > {m['gt']} (got {v})")
+        if "lt" in m and not v < m["lt"]:
+            raise DpqError(f"{name}: must be < {m['lt']} (got {v})")
+
+
+def build(cls, values: dict, where: str):
+    """Dataclass ``cls`` from ``values``; unknown keys, wrong types and out-of-range values are DpqErrors."""
+    if not isinstance(values, dict):
+        raise DpqError(f"{where}: expected a mapping of settings, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise DpqError(f"{where}: unknown setting '{key}'{_did_you_mean(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    obj = cls(**kwargs)
+    _check_bounds(obj, where)
+    return obj
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_recipe(path: str | os.PathLike, profile: str | None = None, overrides: dict | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise DpqError(f"{path}: recipe not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise DpqError(f"{path}: not valid YAML{at}") from None
+    except UnicodeDecodeError:
+        raise DpqError(f"{path}: not UTF-8 text") from None
+    if not isinstance(raw, dict):
+        raise DpqError(f"{path}: a recipe is a mapping of sections (data, teacher, distill, …)")
+    profiles = raw.pop("profiles", {}) or {}
+    if profile is not None:
+        if profile not in profiles:
+            raise DpqError(f"{path}: no profile '{profile}' (has: {', '.join(profiles) or 'none'})")
+        raw = _merge(raw, profiles[profile] or {})
+    raw = _merge(raw, overrides or {})
+    if isinstance(raw.get("data"), str):
+        raw["data"] = {"path": raw["data"]}
+    sections = {f.name for f in dataclasses.fields(Recipe)}
+    for key in raw:
+        if key not in sections:
+            raise DpqError(f"{path}: unknown section '{key}'{_did_you_mean(key, sections | {'profiles'})}")
+    recipe = Recipe(name=str(raw.get("name", path.stem)))
+    recipe.data = build(DataSettings, raw.get("data", {}) or {}, "data")
+    for name, cls in STAGES.items():
+        setattr(recipe, name, build(cls, raw.get(name, {}) or {}, name))
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

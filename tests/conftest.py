@@ -1,0 +1,73 @@
+"""Fixtures: ~200-row slices of real SST-2 and tiny random BERT models built in code (milliseconds to run)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _read_rows(path: Path, n: int) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    return lines[: n + 1]
+
+
+@pytest.fixture(scope="session")
+def sst2_slice(tmp_path_factory) -> Path:
+    """train.tsv (200 rows) and dev.tsv (100 rows) cut from the real SST-2 (never copied into the repo)."""
+    if not (SST2 / "train.tsv").is_file():
+        pytest.skip(f"SST-2 not found at {SST2}")
+    folder = tmp_path_factory.mktemp("sst2")
+    (folder / "train.tsv").write_text("\n".join(_read_rows(SST2 / "train.tsv", 200)) + "\n", encoding="utf-8")
+    (folder / "dev.tsv").write_text("\n".join(_read_rows(SST2 / "dev.tsv", 100)) + "\n", encoding="utf-8")
+    return folder
+
+
+def _vocab(folder: Path) -> list[str]:
+    words = set()
+    for name in ("train.tsv", "dev.tsv"):
+        for line in (folder / name).read_text(encoding="utf-8").splitlines()[1:]:
+            words.update(re.findall(r"\w+|[^\w\s]", line.split("\t")[0].lower()))
+    return SPECIALS + sorted(words)
+
+
+def make_tiny(folder: Path, vocab: list[str], *, hidden=32, layers=2, heads=4, ffn=64, seed=0) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=ffn, max_position_embeddings=128, num_labels=2,
+                     id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(sst2_slice, tmp_path_factory) -> dict[str, Path]:
+    """A 2-layer student (hidden 32) and a 4-layer teacher (hidden 48), same tokenizer, same head count."""
+    root = tmp_path_factory.mktemp("models")
+    vocab = _vocab(sst2_slice)
+    return {
+        "student": make_tiny(root / "student", vocab, hidden=32, layers=2, heads=4, ffn=64, seed=1),
+        "teacher": make_tiny(root / "teacher", vocab, hidden=48, layers=4, heads=4, ffn=96, seed=2),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DPQ_DATA", raising=False)

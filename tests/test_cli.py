@@ -1,0 +1,113 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dpq import artifacts
+from dpq.cli import main
+
+FAST = ["--epochs", "1", "--max-train-samples", "64", "--batch-size", "16", "--max-length", "48"]
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_python_m_dpq_help():
+    r = subprocess.run([sys.executable, "-m", "dpq", "distill", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--temperature" in r.stdout and "--hidden-weight" in r.stdout
+
+
+def test_user_mistake_is_one_line_exit_2_in_a_real_process(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dpq", "teacher", "--model", "x", "--data", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "t")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("dpq: error:") and "no such file or folder" in r.stderr
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["teacher", "--batch-size", "0"], "teacher.batch_size: must be >= 1"),
+    (["distill", "--teacher", "{tmp}/none"], "no finished teacher"),
+    (["evaluate", "{tmp}/none"], "no such model folder"),
+    (["run", "{tmp}/none.yaml"], "recipe not found"),
+])
+def test_exit_codes(capsys, tmp_path, sst2_slice, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    if args[0] in ("teacher", "distill"):
+        args += ["--out", str(tmp_path / "o"), "--data", str(sst2_slice)]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_teacher_distill_evaluate_end_to_end(capsys, tmp_path, tiny_models, sst2_slice):
+    t, s = tmp_path / "teacher", tmp_path / "student"
+    code, _, err = run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)
+    assert code == 0, err
+    assert artifacts.is_complete(t) and not (tmp_path / ".teacher.work").exists()
+    first = (t / "manifest.json").read_text()
+    code, _, err = run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)
+    assert code == 0 and "skipped" in err and (t / "manifest.json").read_text() == first
+
+    code, _, err = run_cli(capsys, "distill", "--teacher", t, "--student", tiny_models["student"], "--data", sst2_slice,
+                           "--out", s, "--hidden-weight", "1", "--attention-weight", "1", *FAST)
+    assert code == 0, err
+    metrics = json.loads((s / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["train_examples"] == 64
+
+    code, out, err = run_cli(capsys, "evaluate", t, s, "--data", sst2_slice, "--json", tmp_path / "e.json",
+                             "--latency-repeats", "2", "--warmup", "1")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "e.json").read_text())
+    assert [r["name"] for r in rows] == ["teacher", "student"]
+    for r in rows:
+        assert {"accuracy", "loss", "params", "size_mb", "gflops", "latency_ms_bs1", "latency_ms_bs32"} <= set(r)
+        assert r["runtime"] == "torch-fp32" and r["hardware"]["threads"] >= 1
+    assert rows[0]["params"] > rows[1]["params"] and rows[0]["gflops"] > rows[1]["gflops"]
+    assert "| teacher |" in out
+
+
+def test_logit_only_distillation_caches_teacher_logits(capsys, tmp_path, tiny_models, sst2_slice, monkeypatch):
+    t = tmp_path / "teacher"
+    assert run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)[0] == 0
+    for i in range(2):
+        code, _, err = run_cli(capsys, "distill", "--teacher", t, "--student", tiny_models["student"], "--data",
+                               sst2_slice, "--out", tmp_path / f"s{i}", *FAST)
+        assert code == 0, err
+        assert ("teacher logits from cache" in err) == (i == 1)
+
+
+def test_run_recipe_skips_unchanged_and_reruns_changed(capsys, tmp_path, tiny_models, sst2_slice):
+    recipe = tmp_path / "r.yaml"
+    body = f"""
+name: tiny
+data: {sst2_slice}
+teacher: {{model: {tiny_models['teacher']}, epochs: 1, max_train_samples: 48, batch_size: 16}}
+baseline: {{epochs: 1, max_train_samples: 48, batch_size: 16}}
+distill: {{student: {tiny_models['student']}, epochs: 1, max_train_samples: 48, batch_size: 16, alpha: ALPHA}}
+evaluate: {{latency_repeats: 1, warmup: 0}}
+"""
+    recipe.write_text(body.replace("ALPHA", "0.5"))
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "run", recipe, "--out", run)
+    assert code == 0, err
+    for name in ("teacher", "baseline", "distilled", "evaluation"):
+        assert artifacts.is_complete(run / name), name
+    assert (run / "recipe.yaml").is_file()
+    rows = json.loads((run / "evaluation" / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["teacher", "baseline", "distilled"]
+    assert rows[0]["size_mb_vs_teacher"] == 1.0
+
+    code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")
+    assert code == 0 and out.count("skip") == 4
+
+    recipe.write_text(body.replace("ALPHA", "0.9"))
+    code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")
+    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    assert lines["teacher"].startswith("skip") and lines["baseline"].startswith("skip")
+    assert lines["distill"].startswith("run") and "alpha" in lines["distill"]
+    assert lines["evaluate"].startswith("run")

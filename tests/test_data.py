@@ -1,0 +1,118 @@
+import json
+
+import pytest
+import torch
+
+from dpq.data import Collator, LengthBucketSampler, load_data, read_file
+from dpq.errors import DpqError
+
+
+def write(folder, name, text, mode="w"):
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / name
+    if isinstance(text, bytes):
+        p.write_bytes(text)
+    else:
+        p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_real_slice_loads(sst2_slice):
+    data = load_data(sst2_slice)
+    assert len(data.split("train")) == 200 and len(data.split("dev")) == 100
+    assert data.label_names == ["0", "1"]
+    assert set(data.split("train").labels) == {0, 1}
+
+
+def test_sst2_quotes_are_kept_literally(tmp_path):
+    write(tmp_path, "train.tsv", 'sentence\tlabel\nhe said " wow\t1\nbad "film\t0\n')
+    write(tmp_path, "dev.tsv", "sentence\tlabel\nok\t1\n")
+    data = load_data(tmp_path)
+    assert data.split("train").texts == ['he said " wow', 'bad "film']
+
+
+def test_csv_and_jsonl_pair_with_string_labels(tmp_path):
+    tr = write(tmp_path, "tr.csv", 'text,label\n"a, quoted",pos\nplain,neg\n')
+    dv = tmp_path / "dv.jsonl"
+    dv.write_text(json.dumps({"sentence": "x", "label": "pos"}) + "\n")
+    data = load_data(f"{tr},{dv}")
+    assert data.label_names == ["neg", "pos"]
+    assert data.split("train").texts == ["a, quoted", "plain"]
+    assert data.split("train").labels == [1, 0]
+    assert data.split("dev").labels == [1]
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"train.tsv": "sentence\tlabel\na\t1\n"}, "no dev split"),
+    ({"train.tsv": "text\tlab\na\t1\n", "dev.tsv": "sentence\tlabel\na\t1\n"}, "no 'label' column"),
+    ({"train.tsv": "sentence\tlabel\n", "dev.tsv": "sentence\tlabel\na\t1\n"}, "split is empty"),
+    ({"train.tsv": "sentence\tlabel\na\t1\nb\t0\n", "dev.tsv": "sentence\tlabel\na\t7\n"}, "label '7'"),
+    ({"train.tsv": "sentence\tlabel\na\t1\nb\t1\n", "dev.tsv": "sentence\tlabel\na\t1\n"}, "only one class"),
+    ({"train.tsv": "sentence\tlabel\na\t1\nb\t0\tx\nc\t0\n", "dev.tsv": "sentence\tlabel\na\t1\n"}, "line 3"),
+])
+def test_validation_errors_are_one_line(tmp_path, files, message):
+    for name, text in files.items():
+        write(tmp_path, name, text)
+    with pytest.raises(DpqError) as e:
+        load_data(tmp_path)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    write(tmp_path, "train.tsv", b"sentence\tlabel\nfine\t1\ncaf\xe9\t0\n")
+    write(tmp_path, "dev.tsv", "sentence\tlabel\na\t1\n")
+    with pytest.raises(DpqError, match=r"train.tsv:3: not UTF-8"):
+        load_data(tmp_path)
+
+
+def test_missing_file_and_path(tmp_path):
+    with pytest.raises(DpqError, match="file not found"):
+        read_file(tmp_path / "nope.tsv")
+    with pytest.raises(DpqError, match="no such file or folder"):
+        load_data(str(tmp_path / "missing" / "dir"))
+
+
+def test_skip_bad_rows_counts(tmp_path):
+    rows = "".join(f"s{i}\t{i % 2}\n" for i in range(50))
+    write(tmp_path, "train.tsv", "sentence\tlabel\n" + rows + "broken line without tab\n\t\n" + "x\t\n")
+    write(tmp_path, "dev.tsv", "sentence\tlabel\na\t1\n")
+    with pytest.raises(DpqError, match="2 malformed row"):
+        load_data(tmp_path)
+    data = load_data(tmp_path, skip_bad_rows=True)
+    assert len(data.split("train")) == 50 and data.skipped_rows == 2
+
+
+def test_subset_is_seeded(sst2_slice):
+    train = load_data(sst2_slice).split("train")
+    a, b, c = train.subset(50, 1), train.subset(50, 1), train.subset(50, 2)
+    assert a.texts == b.texts and a.texts != c.texts and len(a) == 50
+
+
+def test_bucket_sampler_covers_every_example_once_and_is_deterministic():
+    lengths = [((i * 37) % 23) + 1 for i in range(103)]
+    s = LengthBucketSampler(lengths, 8, shuffle=True, seed=3, pool=4)
+    s.set_epoch(0)
+    batches = list(s)
+    assert sorted(i for b in batches for i in b) == list(range(103))
+    assert batches == list(s)
+    s.set_epoch(1)
+    assert list(s) != batches
+    s.set_epoch(0, start_batch=5)
+    assert list(s) == batches[5:] and len(s) == len(batches) - 5
+    # bucketing: padding within batches is far below random batching
+    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert waste < 0.5 * sum(lengths)
+
+
+def test_collator_pads_and_masks():
+    batch = Collator({"input_ids": 0})([{"input_ids": [5, 6, 7], "labels": 1, "index": 0},
+                                        {"input_ids": [5], "labels": 0, "index": 1}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert torch.equal(batch["labels"], torch.tensor([1, 0]))
+
+
+def test_hub_id_offline_is_one_line_error():
+    with pytest.raises(DpqError, match="Hugging Face Hub"):
+        load_data("some-org/no-such-dataset-xyz:cfg")

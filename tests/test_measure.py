@@ -1,0 +1,43 @@
+import pytest
+
+from dpq import measure, models
+
+
+def bert_flops(L, d, ffn, layers, labels=2):
+    """Forward FLOPs of a BERT classifier by hand (2 per multiply-add), attention's L^2 terms included."""
+    per_layer = 2 * L * d * d * 4 + 2 * L * d * ffn * 2 + 2 * L * L * d * 2
+    return layers * per_layer + 2 * d * d + 2 * d * labels
+
+
+@pytest.mark.parametrize("seq", [8, 16, 33])
+def test_gflops_count_attention_exactly(tiny_models, seq):
+    model, _ = models.load_classifier(str(tiny_models["student"]))  # hidden 32, ffn 64, 2 layers
+    serving = model.config._attn_implementation
+    assert measure.gflops_per_example(model, seq) * 1e9 == pytest.approx(bert_flops(seq, 32, 64, 2))
+    assert model.config._attn_implementation == serving  # counted under eager, then put back
+
+
+def test_weights_size_counts_weight_files_only(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 2_000_000)
+    (tmp_path / "model.onnx").write_bytes(b"x" * 500_000)
+    (tmp_path / "tokenizer.json").write_bytes(b"x" * 900_000)
+    assert measure.weights_size_mb(tmp_path) == pytest.approx(2.5)
+
+
+def test_latency_is_median_of_repeats():
+    calls = []
+    ms = measure.latency_ms(lambda: calls.append(1), warmup=2, repeats=5)
+    assert len(calls) == 7 and ms >= 0
+
+
+def test_evaluate_model_accuracy(tiny_models, sst2_slice):
+    import torch
+
+    from dpq.data import encode_split, load_data
+
+    model, tok = models.load_classifier(str(tiny_models["student"]))
+    ds = encode_split(load_data(sst2_slice).split("dev"), tok, 64)
+    m = measure.evaluate_model(model, ds, {"input_ids": tok.pad_token_id})
+    logits = measure.predict_logits(model, ds, {"input_ids": tok.pad_token_id})
+    manual = (logits.argmax(-1) == torch.tensor(ds.labels)).float().mean().item()
+    assert m["accuracy"] == pytest.approx(manual) and 0 <= m["accuracy"] <= 1 and m["loss"] > 0

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+
+from dpq.errors import DpqError
+from dpq.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("name", ["sst2.yaml", "sst2-bert.yaml"])
+@pytest.mark.parametrize("profile", [None, "fast"])
+def test_shipped_recipes_load(name, profile):
+    r = load_recipe(REPO / "recipes" / name, profile)
+    assert r.teacher.model and r.distill.student
+    if profile == "fast":
+        assert r.teacher.max_train_samples and r.teacher.epochs == 1
+
+
+def test_profile_overrides_and_yaml_exponent_strings(tmp_path):
+    p = write(tmp_path, "teacher: {lr: 2e-5, epochs: 3}\nprofiles:\n  fast: {teacher: {epochs: 1}}\n")
+    r = load_recipe(p, "fast")
+    assert r.teacher.lr == pytest.approx(2e-5) and r.teacher.epochs == 1
+    assert load_recipe(p).teacher.epochs == 3
+    assert r.data.path == "nyu-mll/glue:sst2"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("teacher: {epoch: 2}\n", "unknown setting 'epoch' (did you mean 'epochs'?)"),
+    ("distil: {}\n", "unknown section 'distil' (did you mean 'distill'?)"),
+    ("teacher: {epochs: two}\n", "teacher.epochs: expected an integer"),
+    ("teacher: {batch_size: 0}\n", "teacher.batch_size: must be >= 1"),
+    ("distill: {alpha: 1.5}\n", "distill.alpha: must be <= 1"),
+    ("distill: {temperature: 0}\n", "distill.temperature: must be > 0"),
+    ("teacher: {lr: fast}\n", "teacher.lr: expected a number"),
+    ("baseline: {enabled: maybe}\n", "expected true or false"),
+    ("teacher: [1, 2]\n", "expected a mapping"),
+    ("teacher: {epochs: 2\n", "not valid YAML"),
+])
+def test_bad_recipes(tmp_path, text, message):
+    with pytest.raises(DpqError) as e:
+        load_recipe(write(tmp_path, text))
+    assert message in str(e.value)
+
+
+def test_unknown_profile(tmp_path):
+    with pytest.raises(DpqError, match="no profile 'fats'"):
+        load_recipe(write(tmp_path, "profiles: {fast: {}}\n"), "fats")
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(DpqError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")

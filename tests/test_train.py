@@ -1,0 +1,112 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dpq import models
+from dpq.data import encode_split, load_data
+from dpq.errors import DpqError
+from dpq.train import TrainConfig, _StopForTest, train
+
+
+@pytest.fixture
+def setup(tiny_models, sst2_slice):
+    def make():
+        model, tok = models.load_classifier(str(tiny_models["student"]))
+        ds = encode_split(load_data(sst2_slice).split("train"), tok, 64)
+        return model, ds, {"input_ids": tok.pad_token_id}
+    return make
+
+
+def ce_loss(model):
+    def f(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return nn.functional.cross_entropy(logits, batch["labels"]), {}
+    return f
+
+
+CFG = TrainConfig(epochs=2, lr=1e-3, batch_size=32, checkpoint_every=3, seed=7)  # 7 steps an epoch
+
+
+def test_training_lowers_loss_and_logs(setup, tmp_path):
+    model, ds, pads = setup()
+    from dpq.measure import evaluate_model
+    before = evaluate_model(model, ds, pads)["loss"]
+    result = train(model, ce_loss(model), ds, pads, CFG, tmp_path / "w",
+                   evaluate=lambda: evaluate_model(model, ds, pads))
+    assert result.steps == 14
+    assert result.best_metrics["loss"] < before
+    rows = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in r for r in rows) and any("loss" in r for r in rows)
+
+
+def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
+    model, ds, pads = setup()
+    train(model, ce_loss(model), ds, pads, CFG, tmp_path / "a")
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, ds, pads = setup()
+    with pytest.raises(_StopForTest):  # "killed" at step 8: last checkpoint at step 6 (epoch 2, batch 1)
+        train(model, ce_loss(model), ds, pads, CFG, tmp_path / "b", stop_after_steps=8)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 7 and state["epoch"] == 1  # the end-of-epoch checkpoint
+    model, ds, pads = setup()  # a fresh process: weights from the pretrained folder again
+    result = train(model, ce_loss(model), ds, pads, CFG, tmp_path / "b")
+    assert result.steps == 14
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_checkpoint_mid_epoch_resumes_same_data_order(setup, tmp_path):
+    cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=16, checkpoint_every=4, seed=3)
+    model, ds, pads = setup()
+    train(model, ce_loss(model), ds, pads, cfg, tmp_path / "a")
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    model, ds, pads = setup()
+    with pytest.raises(_StopForTest):
+        train(model, ce_loss(model), ds, pads, cfg, tmp_path / "b", stop_after_steps=10)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["batch_in_epoch"] == 8
+    model, ds, pads = setup()
+    train(model, ce_loss(model), ds, pads, cfg, tmp_path / "b")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(setup, tmp_path):
+    model, ds, pads = setup()
+    calls = {"n": 0}
+    inner = ce_loss(model)
+
+    def loss_fn(batch):
+        calls["n"] += 1
+        loss, logs = inner(batch)
+        return (loss * float("nan") if calls["n"] == 5 else loss), logs
+
+    with pytest.raises(DpqError, match="loss became nan at step 5"):
+        train(model, loss_fn, ds, pads, CFG, tmp_path / "w")
+    assert json.loads((tmp_path / "w" / "checkpoint" / "state.json").read_text())["step"] == 3
+
+
+def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(setup, tmp_path):
+    model, ds, pads = setup()
+    calls = {"n": 0}
+    inner = ce_loss(model)
+
+    def loss_fn(batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return inner(batch)
+
+    with pytest.raises(DpqError, match="interrupted at step 4; checkpoint saved"):
+        train(model, loss_fn, ds, pads, CFG, tmp_path / "w")
+    assert json.loads((tmp_path / "w" / "checkpoint" / "state.json").read_text())["step"] == 4
+
+
+def test_checkpoint_holds_no_pickle(setup, tmp_path):
+    model, ds, pads = setup()
+    with pytest.raises(_StopForTest):
+        train(model, ce_loss(model), ds, pads, CFG, tmp_path / "w", stop_after_steps=4)
+    names = sorted(p.name for p in (tmp_path / "w" / "checkpoint").iterdir())
+    assert names == ["optimizer.safetensors", "rng.safetensors", "state.json", "weights.safetensors"]
