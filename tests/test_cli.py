@@ -89,25 +89,63 @@ data: {sst2_slice}
 teacher: {{model: {tiny_models['teacher']}, epochs: 1, max_train_samples: 48, batch_size: 16}}
 baseline: {{epochs: 1, max_train_samples: 48, batch_size: 16}}
 distill: {{student: {tiny_models['student']}, epochs: 1, max_train_samples: 48, batch_size: 16, alpha: ALPHA}}
+prune: {{epochs: 1, max_train_samples: 48, batch_size: 16, heads: 0.5, ffn: 0.5, update_every: 1}}
 evaluate: {{latency_repeats: 1, warmup: 0}}
 """
     recipe.write_text(body.replace("ALPHA", "0.5"))
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "run", recipe, "--out", run)
     assert code == 0, err
-    for name in ("teacher", "baseline", "distilled", "evaluation"):
+    for name in ("teacher", "baseline", "distilled", "pruned", "evaluation"):
         assert artifacts.is_complete(run / name), name
     assert (run / "recipe.yaml").is_file()
     rows = json.loads((run / "evaluation" / "results.json").read_text())
-    assert [r["name"] for r in rows] == ["teacher", "baseline", "distilled"]
+    assert [r["name"] for r in rows] == ["teacher", "baseline", "distilled", "pruned"]
+    assert rows[3]["params"] < rows[2]["params"] and rows[3]["gflops"] < rows[2]["gflops"]
     assert rows[0]["size_mb_vs_teacher"] == 1.0
 
     code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")
-    assert code == 0 and out.count("skip") == 4
+    assert code == 0 and out.count("skip") == 5
 
     recipe.write_text(body.replace("ALPHA", "0.9"))
     code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")
     lines = dict(line.split(None, 1) for line in out.strip().splitlines())
     assert lines["teacher"].startswith("skip") and lines["baseline"].startswith("skip")
     assert lines["distill"].startswith("run") and "alpha" in lines["distill"]
+    assert lines["prune"].startswith("run")  # downstream of the changed stage
     assert lines["evaluate"].startswith("run")
+
+
+@pytest.mark.parametrize("importance, allocation", [("combined", "uniform"), ("kd-gradient", "layer-adaptive"),
+                                                    ("magnitude", "uniform")])
+def test_prune_command_makes_a_smaller_model_that_reloads(capsys, tmp_path, tiny_models, sst2_slice,
+                                                          importance, allocation):
+    from dpq import load_model
+
+    t = tmp_path / "teacher"
+    assert run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)[0] == 0
+    s = tmp_path / "student"
+    assert run_cli(capsys, "distill", "--teacher", t, "--student", tiny_models["student"], "--data", sst2_slice,
+                   "--out", s, *FAST)[0] == 0
+    p = tmp_path / "pruned"
+    code, _, err = run_cli(capsys, "prune", "--model", s, "--teacher", t, "--data", sst2_slice, "--out", p,
+                           "--heads", "0.5", "--ffn", "0.5", "--importance", importance, "--allocation", allocation,
+                           "--update-every", "1", *FAST)
+    assert code == 0, err
+    m = json.loads((p / "metrics.json").read_text())
+    assert m["heads_removed"] == pytest.approx(0.5) and m["ffn_removed"] == pytest.approx(0.5)
+    model, _ = load_model(p)
+    assert sum(x.numel() for x in model.parameters()) == m["params"] < m["params_before"]
+    assert (p / "model.safetensors").stat().st_size < (s / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("flags, message", [(["--heads", "1.0"], "prune.heads: must be < 1"),
+                                            (["--prune-start", "0.8", "--prune-end", "0.2"], "must not be after"),
+                                            (["--target-params", "0.9"], "at most")])
+def test_prune_bad_values(capsys, tmp_path, tiny_models, sst2_slice, flags, message):
+    t = tmp_path / "teacher"
+    assert run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)[0] == 0
+    code, _, err = run_cli(capsys, "prune", "--model", t, "--teacher", t, "--data", sst2_slice, "--out",
+                           tmp_path / "p", *flags, *FAST)
+    assert code == 2 and message in err
+    assert not (tmp_path / "p").exists()

@@ -33,6 +33,8 @@ def _add_settings(parser: argparse.ArgumentParser, cls, *, skip=(), title: str |
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif "choices" in f.metadata:
+            group.add_argument(flag, choices=f.metadata["choices"], **kw)
         elif tp is list or typing.get_origin(tp) is list:
             group.add_argument(flag, nargs="+", type=int if f.name in ("layer_map", "batch_sizes") else str, **kw)
         else:
@@ -59,7 +61,7 @@ def _load_data(args, need=("train", "dev")):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .recipe import DistillSettings, EvaluateSettings, TeacherSettings
+    from .recipe import DistillSettings, EvaluateSettings, PruneSettings, TeacherSettings
 
     parser = argparse.ArgumentParser(prog="dpq", description="Distill, Prune, Quantize transformer text classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -84,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if --out is complete with the same settings")
     _data_args(p)
     _add_settings(p, DistillSettings, title="distillation and training settings")
+
+    p = sub.add_parser("prune", help="remove attention heads and FFN neurons (gradual, with KD recovery)")
+    p.add_argument("--model", required=True, help="model folder to prune (from `dpq distill`, or an earlier prune)")
+    p.add_argument("--teacher", required=True, help="teacher artifact folder for KD during pruning and recovery")
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--force", action="store_true", help="retrain even if --out is complete with the same settings")
+    _data_args(p)
+    _add_settings(p, PruneSettings, skip=("enabled",), title="pruning and training settings")
 
     p = sub.add_parser("evaluate", help="accuracy, size, GFLOPs and latency of model folders")
     p.add_argument("models", nargs="+", metavar="DIR", help="model folders")
@@ -135,6 +145,28 @@ def _cmd_distill(args) -> None:
                                                                     stage_settings=stage_settings), force=args.force)
 
 
+def _cmd_prune(args) -> None:
+    import dataclasses as dc
+
+    from . import artifacts
+    from .pipeline import run_stage
+    from .recipe import PruneSettings, build
+    from .stages import prune_stage
+
+    settings = build(PruneSettings, _given(args, PruneSettings, skip=("enabled",)), "prune")
+    model, teacher = Path(args.model), Path(args.teacher)
+    for folder, what in ((model, "model (run `dpq distill` first)"), (teacher, "teacher (run `dpq teacher` first)")):
+        if artifacts.read_manifest(folder) is None:
+            raise DpqError(f"{folder}: no finished {what}")
+    data, spec = _load_data(args)
+    stage_settings = dict(dc.asdict(settings), data={"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows},
+                          teacher=artifacts.read_manifest(teacher).get("settings_hash"),
+                          model=artifacts.read_manifest(model).get("settings_hash"))
+    out = Path(args.out)
+    run_stage("prune", out, stage_settings, lambda: prune_stage(settings, model, teacher, data, out,
+                                                                stage_settings=stage_settings), force=args.force)
+
+
 def _cmd_evaluate(args) -> None:
     from . import artifacts
     from .recipe import EvaluateSettings, build
@@ -151,7 +183,8 @@ def _cmd_evaluate(args) -> None:
         artifacts.write_json_atomic(Path(args.json), rows)
 
 
-COMMANDS = {"run": _cmd_run, "teacher": _cmd_teacher, "distill": _cmd_distill, "evaluate": _cmd_evaluate}
+COMMANDS = {"run": _cmd_run, "teacher": _cmd_teacher, "distill": _cmd_distill, "prune": _cmd_prune,
+            "evaluate": _cmd_evaluate}
 
 
 def _quiet_libraries() -> None:

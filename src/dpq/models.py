@@ -170,8 +170,11 @@ def load_classifier(model_id: str, *, num_labels: int | None = None, label_names
         # attention-map distillation needs the probabilities, which the fused SDPA kernel does not return
         config._attn_implementation = "eager"
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            src, config=config, attn_implementation="eager" if eager_attention else None)
+        if getattr(config, "dpq_kept_heads", None):
+            model = _load_pruned(src, config, eager_attention)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                src, config=config, attn_implementation="eager" if eager_attention else None)
     except (OSError, RuntimeError, ValueError) as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         if isinstance(e, OSError) and not Path(src).is_dir():
@@ -179,6 +182,18 @@ def load_classifier(model_id: str, *, num_labels: int | None = None, label_names
         raise DpqError(f"{model_id}: weights do not load ({msg})") from None
     tokenizer = load_tokenizer(src)
     return model, tokenizer
+
+
+def _load_pruned(src: str, config, eager_attention: bool):
+    """A structurally pruned model: build the original shapes, shrink them as the config records, load exactly."""
+    from safetensors.torch import load_model as load_weights
+
+    from .prune import restore_structure
+
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager" if eager_attention else None)
+    restore_structure(model)
+    load_weights(model, str(Path(src) / "model.safetensors"), strict=True)
+    return model
 
 
 def save_classifier(model, tokenizer, folder: Path) -> None:

@@ -13,7 +13,7 @@ from . import artifacts
 from .data import TextData, load_data
 from .errors import DpqError
 from .recipe import Recipe, dump_recipe, load_recipe
-from .stages import check_writable, distill_stage, evaluate_dirs, finetune_stage, format_table, work_dir_for
+from .stages import check_writable, distill_stage, prune_stage, evaluate_dirs, finetune_stage, format_table, work_dir_for
 
 log = logging.getLogger("dpq")
 
@@ -76,6 +76,12 @@ class Pipeline:
         plan.append(("distill", run / "distilled", distill_s,
                      lambda: distill_stage(r.distill, run / "teacher", self.data, run / "distilled",
                                            stage_settings=distill_s)))
+        if r.prune.enabled:
+            prune_s = dict(dataclasses.asdict(r.prune), data=data, teacher=artifacts.settings_hash(teacher_s),
+                           model=artifacts.settings_hash(distill_s))
+            plan.append(("prune", run / "pruned", prune_s,
+                         lambda: prune_stage(r.prune, run / "distilled", run / "teacher", self.data, run / "pruned",
+                                             stage_settings=prune_s)))
         models_in = [p for name, p, _, _ in plan]
         eval_s = dict(dataclasses.asdict(r.evaluate), data=data,
                       inputs={name: artifacts.settings_hash(s) for name, _, s, _ in plan})

@@ -72,6 +72,33 @@ class DistillSettings(TrainSettings):
 
 
 @dataclass
+class PruneSettings(TrainSettings):
+    """Gradual structured pruning of the distilled student with KD from the teacher, then real removal."""
+
+    enabled: bool = opt(True, "run the pruning stage")
+    heads: float = opt(0.4, "fraction of attention heads to remove", min=0, lt=1)
+    ffn: float = opt(0.5, "fraction of FFN neurons to remove", min=0, lt=1)
+    target_params: typing.Optional[float] = opt(None, "remove this fraction of all parameters instead (heads and FFN alike)", gt=0, lt=1)
+    importance: str = opt("combined", "magnitude | kd-gradient | combined (lambda_mag·magnitude + lambda_grad·|W·dL/dW|)",
+                          choices=("magnitude", "kd-gradient", "combined"))
+    allocation: str = opt("uniform", "uniform (same fraction per layer) | layer-adaptive (one global ranking)",
+                          choices=("uniform", "layer-adaptive"))
+    schedule: str = opt("cubic", "sparsity schedule between prune_start and prune_end", choices=("cubic",))
+    lambda_mag: float = opt(0.5, "weight of the normalised magnitude score", min=0)
+    lambda_grad: float = opt(0.5, "weight of the normalised KD-gradient score", min=0)
+    prune_start: float = opt(0.0, "fraction of training steps before masking starts", min=0, max=1)
+    prune_end: float = opt(0.5, "fraction of training steps at which the target is reached; recovery follows", min=0, max=1)
+    update_every: int = opt(10, "steps between mask updates (the importance window)", min=1)
+    lr: float = opt(5e-5, "peak learning rate", gt=0)
+    epochs: int = opt(2, "passes over the training data (pruning, then recovery)", min=1)
+    temperature: float = opt(2.0, "KD temperature", gt=0)
+    alpha: float = opt(0.5, "weight of the soft-label KD term", min=0, max=1)
+    hidden_weight: float = opt(0.0, "hidden-state KD weight", min=0)
+    attention_weight: float = opt(0.0, "attention-map KD weight", min=0)
+    layer_map: typing.Optional[list] = opt(None, "teacher layer for each student layer")
+
+
+@dataclass
 class EvaluateSettings:
     split: str = opt("dev", "split to measure accuracy on")
     latency_repeats: int = opt(10, "timed runs per latency figure (median reported)", min=1)
@@ -79,7 +106,8 @@ class EvaluateSettings:
     batch_sizes: list = opt([1, 32], "batch sizes to time")
 
 
-STAGES = {"teacher": TeacherSettings, "baseline": BaselineSettings, "distill": DistillSettings, "evaluate": EvaluateSettings}
+STAGES = {"teacher": TeacherSettings, "baseline": BaselineSettings, "distill": DistillSettings, "prune": PruneSettings,
+          "evaluate": EvaluateSettings}
 
 
 @dataclass
@@ -89,6 +117,7 @@ class Recipe:
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     baseline: BaselineSettings = field(default_factory=BaselineSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
+    prune: PruneSettings = field(default_factory=PruneSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
 
     def to_dict(self) -> dict:
@@ -141,10 +170,12 @@ def _coerce(value, tp, where: str):
 def _check_bounds(obj, where: str) -> None:
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
-        if v is None or isinstance(v, (bool, list, str)):
-            continue
         m = f.metadata
         name = f"{where}.{f.name}"
+        if "choices" in m and v not in m["choices"]:
+            raise DpqError(f"{name}: one of {', '.join(m['choices'])} (got {v!r}){_did_you_mean(str(v), m['choices'])}")
+        if v is None or isinstance(v, (bool, list, str)):
+            continue
         if "min" in m and v < m["min"]:
             raise DpqError(f"{name}: must be >= {m['min']} (got {v})")
         if "max" in m and v > m["max"]:

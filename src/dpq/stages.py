@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import artifacts, measure, models
+from . import artifacts, measure, models, prune
 from .data import TextData, encode_split
 from .distill import KDConfig, KDLoss
 from .errors import DpqError
-from .recipe import DistillSettings, EvaluateSettings, TrainSettings
+from .recipe import DistillSettings, EvaluateSettings, PruneSettings, TrainSettings
 from .train import TrainConfig, train
 
 log = logging.getLogger("dpq")
@@ -127,21 +127,34 @@ def cached_teacher_logits(teacher, teacher_dir: Path, train_set, train_fingerpri
     return logits
 
 
-def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, out: Path, *,
-                  stage_settings: dict, stop_after_steps: int | None = None) -> Path:
-    out, teacher_dir = Path(out), Path(teacher_dir)
-    check_writable(out)
+@dataclasses.dataclass
+class KDSession:
+    """Everything a KD-trained stage shares: teacher, student, data, the loss and the dev evaluation."""
+
+    teacher: nn.Module
+    student: nn.Module
+    tokenizer: object
+    kd: KDLoss
+    train_split: object
+    train_set: object
+    dev_set: object
+    pads: dict
+    loss_fn: object
+
+    def evaluate(self) -> dict:
+        return measure.evaluate_model(self.student, self.dev_set, {"input_ids": self.pads["input_ids"]})
+
+
+def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, data: TextData) -> KDSession:
     if not artifacts.is_complete(teacher_dir):
         raise DpqError(f"{teacher_dir}: no finished teacher here (run `dpq teacher` first)")
-    kd_cfg = KDConfig(temperature=settings.temperature, alpha=settings.alpha, hidden_weight=settings.hidden_weight,
-                      attention_weight=settings.attention_weight, layer_map=settings.layer_map)
-    eager = settings.attention_weight > 0
+    eager = kd_cfg.attention_weight > 0
     teacher, t_tok = models.load_classifier(str(teacher_dir), eager_attention=eager)
     teacher_labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
     if [str(x) for x in teacher_labels] != data.label_names:
         raise DpqError(f"{teacher_dir}: teacher classes {teacher_labels} differ from the data's {data.label_names}")
     teacher.eval().requires_grad_(False)
-    student, s_tok = models.load_classifier(settings.student, label_names=data.label_names, eager_attention=eager)
+    student, s_tok = models.load_classifier(student_id, label_names=data.label_names, eager_attention=eager)
     kd = KDLoss(kd_cfg, student.config, teacher.config)
 
     train_split = data.split("train").subset(settings.max_train_samples, settings.seed)
@@ -151,8 +164,6 @@ def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, 
     cached = None
     if not kd_cfg.needs_teacher_forward:
         cached = cached_teacher_logits(teacher, teacher_dir, train_set, train_split.fingerprint(), pads, settings.max_length)
-
-    trainables = nn.ModuleDict({"student": student, "kd": kd})
     want_h, want_a = kd_cfg.hidden_weight > 0, kd_cfg.attention_weight > 0
 
     def loss_fn(batch):
@@ -169,19 +180,103 @@ def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, 
             t_logits = t_out.logits
         return kd(s_out, batch["labels"], t_logits, t_out, batch["attention_mask"], batch.get("teacher_attention_mask"))
 
+    return KDSession(teacher, student, s_tok, kd, train_split, train_set, dev_set, pads, loss_fn)
+
+
+def _kd_config(settings) -> KDConfig:
+    return KDConfig(temperature=settings.temperature, alpha=settings.alpha, hidden_weight=settings.hidden_weight,
+                    attention_weight=settings.attention_weight, layer_map=settings.layer_map)
+
+
+def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, out: Path, *,
+                  stage_settings: dict, stop_after_steps: int | None = None) -> Path:
+    out, teacher_dir = Path(out), Path(teacher_dir)
+    check_writable(out)
+    kd_cfg = _kd_config(settings)
+    ses = kd_session(settings, kd_cfg, teacher_dir, settings.student, data)
+    student = ses.student
     work = work_dir_for(out)
-    fp = artifacts.settings_hash(dict(stage_settings, train_data=train_split.fingerprint()))
-    result = train(trainables, loss_fn, train_set, pads, TrainConfig.from_settings(dataclasses.asdict(settings)), work,
-                   evaluate=lambda: measure.evaluate_model(student, dev_set, {"input_ids": pads["input_ids"]}),
+    fp = artifacts.settings_hash(dict(stage_settings, train_data=ses.train_split.fingerprint()))
+    result = train(nn.ModuleDict({"student": student, "kd": ses.kd}), ses.loss_fn, ses.train_set, ses.pads,
+                   TrainConfig.from_settings(dataclasses.asdict(settings)), work, evaluate=ses.evaluate,
                    best_state=_state_cloner(student), restore_best=student.load_state_dict,
                    fingerprint=fp, stop_after_steps=stop_after_steps, desc="distill")
-    if eager and hasattr(student, "set_attn_implementation"):
+    if kd_cfg.attention_weight > 0 and hasattr(student, "set_attn_implementation"):
         student.set_attn_implementation("sdpa")  # saved model serves with the fast kernel
-    metrics = dict(result.best_metrics, params=models.param_count(student), train_examples=len(train_set),
+    metrics = dict(result.best_metrics, params=models.param_count(student), train_examples=len(ses.train_set),
                    train_steps=result.steps, train_seconds=result.seconds, history=result.history,
                    teacher=str(teacher_dir))
-    _seal(student, s_tok, out, work, kind="distill", settings=stage_settings, metrics=metrics)
+    _seal(student, ses.tokenizer, out, work, kind="distill", settings=stage_settings, metrics=metrics)
     _summary("distill", out, metrics)
+    return out
+
+
+def prune_fractions(settings: PruneSettings, model) -> tuple[float, float]:
+    """(heads, ffn) fractions; ``target_params`` removes that share of all parameters, heads and FFN alike."""
+    if settings.target_params is None:
+        return settings.heads, settings.ffn
+    ls = prune.layers(model)
+    prunable = sum(l.q.weight.numel() * 4 + l.q.bias.numel() * 3 + l.ffn_in.weight.numel() * 2 + l.ffn_in.bias.numel()
+                   for l in ls)
+    f = settings.target_params * models.param_count(model) / prunable
+    if f >= 1:
+        raise DpqError(f"prune.target_params: at most {prunable / models.param_count(model):.2f} of this model's "
+                       f"parameters are in attention heads and FFN neurons (got {settings.target_params})")
+    return f, f
+
+
+def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, data: TextData, out: Path, *,
+                stage_settings: dict, stop_after_steps: int | None = None) -> Path:
+    """Gradual structured pruning under KD (cubic schedule, masks), recovery training, then real removal."""
+    out, model_dir, teacher_dir = Path(out), Path(model_dir), Path(teacher_dir)
+    check_writable(out)
+    if not artifacts.is_complete(model_dir):
+        raise DpqError(f"{model_dir}: no finished model here (run `dpq distill` first)")
+    if settings.prune_start > settings.prune_end:
+        raise DpqError(f"prune.prune_start ({settings.prune_start}) must not be after prune_end ({settings.prune_end})")
+    ses = kd_session(settings, _kd_config(settings), teacher_dir, str(model_dir), data)
+    student = ses.student
+    params_before = models.param_count(student)
+    heads, ffn = prune_fractions(settings, student)
+    cfg = prune.PruneConfig(heads=heads, ffn=ffn, importance=settings.importance, allocation=settings.allocation,
+                            lambda_mag=settings.lambda_mag, lambda_grad=settings.lambda_grad)
+    masks = prune.HeadFfnMasks.install(student)
+    sens = prune.GradientSensitivity(student)
+    tcfg = TrainConfig.from_settings(dataclasses.asdict(settings))
+    steps_per_epoch = -(-len(ses.train_set) // tcfg.batch_size)
+    total = steps_per_epoch * tcfg.epochs
+    start, end = int(settings.prune_start * total), max(1, int(settings.prune_end * total))
+    uses_grad = cfg.importance != "magnitude"
+
+    def after_backward(step: int) -> None:
+        """Called with the 1-based step just computed; gradients are still in place."""
+        if uses_grad:
+            sens.accumulate()
+        due = step >= start and ((step - start) % settings.update_every == 0 or step == end)
+        if due and step <= end:
+            masks.update(prune.importance(student, sens.scores(), cfg), cfg, prune.cubic_fraction(step, start, end))
+            sens.reset()
+
+    work = work_dir_for(out)
+    fp = artifacts.settings_hash(dict(stage_settings, train_data=ses.train_split.fingerprint()))
+    result = train(nn.ModuleDict({"student": student, "kd": ses.kd, "masks": masks, "sens": sens}), ses.loss_fn,
+                   ses.train_set, ses.pads, tcfg, work, evaluate=ses.evaluate,
+                   best_state=_state_cloner(student), restore_best=student.load_state_dict,
+                   fingerprint=fp, stop_after_steps=stop_after_steps, desc="prune",
+                   after_backward=after_backward, best_after_step=end)
+    got = masks.fractions()
+    if got[0] + 1e-6 < heads * 0.99 or got[1] + 1e-6 < ffn * 0.99:  # schedule ended early: reach the target now
+        masks.update(prune.importance(student, sens.scores(), cfg), cfg, 1.0)
+    structure = prune.remove_masked(student, masks)
+    final = ses.evaluate()
+    removed_h, removed_f = masks.fractions()
+    metrics = dict(result.best_metrics, **final, params=models.param_count(student), params_before=params_before,
+                   heads_removed=removed_h, ffn_removed=removed_f, train_examples=len(ses.train_set),
+                   train_steps=result.steps, train_seconds=result.seconds, history=result.history,
+                   structure=structure, teacher=str(teacher_dir), source=str(model_dir))
+    _seal(student, ses.tokenizer, out, work, kind="prune", settings=stage_settings, metrics=metrics)
+    log.info("prune done: heads -%.0f%%, FFN -%.0f%%, %d -> %d params, dev accuracy %.4f -> %s",
+             100 * removed_h, 100 * removed_f, params_before, metrics["params"], final["accuracy"], out)
     return out
 
 

@@ -161,11 +161,15 @@ def train(
     fingerprint: str = "",
     stop_after_steps: int | None = None,
     desc: str = "train",
+    after_backward: Callable[[int], None] | None = None,
+    best_after_step: int = 0,
 ) -> TrainResult:
     """Train ``trainables`` (a module holding the model and any auxiliary trained modules).
 
     ``evaluate()`` returns metrics with an ``accuracy`` key; the best-scoring weights (``best_state()``)
-    are kept in ``work_dir/best.safetensors`` and restored at the end through ``restore_best``.
+    are kept in ``work_dir/best.safetensors`` and restored at the end through ``restore_best``; evaluations
+    before ``best_after_step`` are logged but cannot be best (a pruning run is only final after its schedule).
+    ``after_backward(step)`` sees the gradients of each step before the optimizer uses them.
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +209,7 @@ def train(
                **{f"eval_{k}": v for k, v in m.items()}}
         log_row(row)
         state["history"].append(row)
-        if state["best"] is None or m["accuracy"] > state["best"]["accuracy"]:
+        if state["step"] >= best_after_step and (state["best"] is None or m["accuracy"] > state["best"]["accuracy"]):
             state["best"] = dict(m, step=state["step"])
             if best_state is not None:
                 tmp = work_dir / ".best.tmp"
@@ -228,6 +232,8 @@ def train(
                     raise DpqError(f"{desc}: loss became {loss.item()} at step {state['step'] + 1}; stopped without "
                                    f"saving a model (last good checkpoint kept in {ckpt.dir}); lower the learning rate")
                 accelerator.backward(loss)
+                if after_backward is not None:
+                    after_backward(state["step"] + 1)
                 if cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainables.parameters(), cfg.max_grad_norm)
                 optimizer.step()
