@@ -129,3 +129,74 @@ def test_cubic_schedule_values():
     vals = [cubic_fraction(s, 0, 100) for s in range(0, 101, 10)]
     assert vals == sorted(vals)
     assert vals[1] - vals[0] > vals[-1] - vals[-2]  # fast early, slow late
+
+
+def test_interrupted_pruning_run_resumes_to_the_same_model(tiny_models, sst2_slice, tmp_path):
+    """Masks and the importance window live in the checkpoint, so a killed pruning run resumes exactly."""
+    import dataclasses
+
+    from dpq.data import load_data
+    from dpq.recipe import PruneSettings, TeacherSettings
+    from dpq.stages import finetune_stage, prune_stage
+    from dpq.train import _StopForTest
+
+    data = load_data(sst2_slice)
+    t = finetune_stage(TeacherSettings(epochs=1, max_train_samples=32, batch_size=16), str(tiny_models["teacher"]),
+                       data, tmp_path / "teacher", kind="teacher", stage_settings={})
+    s = PruneSettings(heads=0.5, ffn=0.5, epochs=2, max_train_samples=64, batch_size=16, update_every=1,
+                      prune_end=0.5, checkpoint_every=2, importance="combined")
+    settings = dataclasses.asdict(s)
+    a = prune_stage(s, tiny_models["student"], t, data, tmp_path / "a", stage_settings=settings)
+    with pytest.raises(_StopForTest):
+        prune_stage(s, tiny_models["student"], t, data, tmp_path / "b", stage_settings=settings, stop_after_steps=5)
+    assert not (tmp_path / "b").exists()  # a killed stage leaves no folder that looks complete
+    b = prune_stage(s, tiny_models["student"], t, data, tmp_path / "b", stage_settings=settings)
+    ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
+    assert ma["structure"] == mb["structure"]
+    ra, _ = load_model(a)
+    rb, _ = load_model(b)
+    for (k, va), vb in zip(ra.state_dict().items(), rb.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _arch(name):
+    from transformers import (DistilBertConfig, DistilBertForSequenceClassification, MPNetConfig,
+                              MPNetForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+
+    torch.manual_seed(0)
+    if name == "mpnet":
+        return MPNetForSequenceClassification(MPNetConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                          num_attention_heads=4, intermediate_size=64))
+    if name == "distilbert":
+        return DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4,
+                                                                    hidden_dim=64))
+    return RobertaForSequenceClassification(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                          num_attention_heads=4, intermediate_size=64))
+
+
+@pytest.mark.parametrize("arch", ["mpnet", "distilbert", "roberta"])
+def test_other_encoders_prune_reload_and_match(arch, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = _arch(arch).eval()
+    ids = torch.randint(5, 100, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    masks = HeadFfnMasks.install(model)
+    # layer-adaptive: layers keep different head sets, which MPNet's shared position bias must follow
+    masks.update(magnitude_scores(model), PruneConfig(heads=0.5, ffn=0.5, allocation="layer-adaptive"))
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=mask).logits
+    n0 = models.param_count(model)
+    remove_masked(model, masks)
+    assert models.param_count(model) < n0
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, masked, rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "vocab.txt").write_text("")  # no tokenizer needed for this check
+    from dpq.models import _load_pruned
+    from transformers import AutoConfig
+
+    reloaded = _load_pruned(str(tmp_path), AutoConfig.from_pretrained(tmp_path), False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, masked, rtol=1e-5, atol=1e-6)

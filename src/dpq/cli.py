@@ -155,13 +155,14 @@ def _cmd_prune(args) -> None:
 
     settings = build(PruneSettings, _given(args, PruneSettings, skip=("enabled",)), "prune")
     model, teacher = Path(args.model), Path(args.teacher)
-    for folder, what in ((model, "model (run `dpq distill` first)"), (teacher, "teacher (run `dpq teacher` first)")):
-        if artifacts.read_manifest(folder) is None:
-            raise DpqError(f"{folder}: no finished {what}")
+    if not (model / "config.json").is_file():
+        raise DpqError(f"{model}: no model folder here (run `dpq distill` first)")
+    if artifacts.read_manifest(teacher) is None:
+        raise DpqError(f"{teacher}: no finished teacher (run `dpq teacher` first)")
     data, spec = _load_data(args)
     stage_settings = dict(dc.asdict(settings), data={"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows},
                           teacher=artifacts.read_manifest(teacher).get("settings_hash"),
-                          model=artifacts.read_manifest(model).get("settings_hash"))
+                          model=(artifacts.read_manifest(model) or {}).get("settings_hash"))
     out = Path(args.out)
     run_stage("prune", out, stage_settings, lambda: prune_stage(settings, model, teacher, data, out,
                                                                 stage_settings=stage_settings), force=args.force)

@@ -323,9 +323,13 @@ def _install_bias_selectors(model: nn.Module, kept: list[list[int]]) -> None:
         idx = torch.tensor(heads)
 
         def pre(module, args, kwargs, idx=idx):
-            pb = kwargs.get("position_bias")
-            if pb is not None and pb.shape[1] != len(idx):
-                kwargs["position_bias"] = pb.index_select(1, idx.to(pb.device))
+            # MPNetAttention passes (hidden_states, attention_mask, position_bias) positionally
+            if "position_bias" in kwargs:
+                pb = kwargs["position_bias"]
+                if pb is not None and pb.shape[1] != len(idx):
+                    kwargs["position_bias"] = pb.index_select(1, idx.to(pb.device))
+            elif len(args) > 2 and args[2] is not None and args[2].shape[1] != len(idx):
+                args = args[:2] + (args[2].index_select(1, idx.to(args[2].device)),) + args[3:]
             return args, kwargs
 
         if getattr(l.attn, "_dpq_bias_hook", None) is not None:

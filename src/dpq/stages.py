@@ -230,7 +230,7 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
     """Gradual structured pruning under KD (cubic schedule, masks), recovery training, then real removal."""
     out, model_dir, teacher_dir = Path(out), Path(model_dir), Path(teacher_dir)
     check_writable(out)
-    if not artifacts.is_complete(model_dir):
+    if not (model_dir / "config.json").is_file():
         raise DpqError(f"{model_dir}: no finished model here (run `dpq distill` first)")
     if settings.prune_start > settings.prune_end:
         raise DpqError(f"prune.prune_start ({settings.prune_start}) must not be after prune_end ({settings.prune_end})")

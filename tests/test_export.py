@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from dpq import export, models
+from dpq.prune import HeadFfnMasks, PruneConfig, magnitude_scores, remove_masked
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "layer-adaptive"])
+def test_pruned_model_exports_with_smaller_shapes_and_matches(tiny_models, tmp_path, allocation):
+    onnx = pytest.importorskip("onnx")
+    model, _ = models.load_classifier(str(tiny_models["student"]))
+    model.eval()
+    full = models.param_count(model)
+    masks = HeadFfnMasks.install(model)
+    masks.update(magnitude_scores(model), PruneConfig(heads=0.5, ffn=0.5, allocation=allocation))
+    remove_masked(model, masks)
+    path = export.export_onnx(model, tmp_path / "m.onnx")
+    assert not model.training
+    stored = sum(int(torch.tensor(list(i.dims)).prod()) for i in onnx.load(str(path)).graph.initializer if len(i.dims) == 2)
+    pruned = models.param_count(model)
+    assert pruned < full and 0.8 * pruned <= stored <= pruned * 1.02  # the graph holds the smaller matrices, not masked full ones
+    session = export.ort_session(path)
+    for shape in [(1, 5), (4, 23)]:
+        ids = torch.randint(5, model.config.vocab_size, shape)
+        mask = torch.ones_like(ids)
+        mask[0, shape[1] // 2:] = 0  # padding honoured in the exported graph
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
+        assert abs(export.ort_logits(session, ids, mask) - ref).max() < 1e-4
