@@ -4,7 +4,8 @@
 
 Phase 1 prunes (with KD recovery) into RUN/bench-prune/NAME, skipping finished ones; phase 2 measures every
 model, the unpruned student first, in this one process, so the ratios compare like with like. Latency: median
-of --repeats runs after warm-up, fixed-shape batches at the dev split's mean token length.
+of --rounds × --repeats runs after warm-up, the models interleaved round by round, fixed-shape batches at the
+dev split's mean token length; ONNX Runtime runs the fp32 export with all graph optimizations.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ CONFIGS = {  # name: (heads, ffn, importance, allocation)
 }
 
 
-def ort_ms(model, batch: int, seq: int, warmup: int, repeats: int) -> float:
-    with tempfile.TemporaryDirectory() as d:
-        session = export.ort_session(export.export_onnx(model, Path(d) / "m.onnx"), threads=torch.get_num_threads())
-        x = measure.dummy_batch(model, batch, seq)
-        return measure.latency_ms(lambda: export.ort_logits(session, x["input_ids"], x["attention_mask"]),
-                                  warmup=warmup, repeats=repeats)
+def timers(model, seq: int, tmp: Path, name: str) -> dict:
+    """One zero-argument callable per (runtime, batch size), built once: sessions and inputs outside the timing."""
+    session = export.ort_session(export.export_onnx(model, tmp / f"{name}.onnx"), threads=torch.get_num_threads())
+    out = {}
+    for bs in (1, 32):
+        x = measure.dummy_batch(model, bs, seq)
+        out[f"torch_bs{bs}_ms"] = lambda x=x: model(**x)
+        out[f"ort_bs{bs}_ms"] = lambda x=x: export.ort_logits(session, x["input_ids"], x["attention_mask"])
+    return out
 
 
 def main() -> None:
@@ -48,7 +52,8 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--max-train-samples", type=int, default=8000)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per model per round")
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds over all models")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--only", nargs="*", help="subset of configs")
     args = ap.parse_args()
@@ -65,22 +70,24 @@ def main() -> None:
         run_stage(name, out, settings, lambda: prune_stage(s, run / "distilled", run / "teacher", data, out,
                                                            stage_settings=settings))
 
-    rows = []
+    rows, fns = [], []
     dev = data.split("dev")
     hw = measure.hardware()
+    tmp = Path(tempfile.mkdtemp())
     for name, folder in [("distilled (unpruned)", run / "distilled")] + [(n, run / "bench-prune" / n) for n in names]:
         model, tok = load_model(folder)
         ds = encode_split(dev, tok, 128)
         seq = round(ds.mean_length())
         acc = measure.evaluate_model(model, ds, pad_ids(tok))["accuracy"]
-        row = {"name": name, "accuracy": acc, "params": measure_params(model), "size_mb": measure.weights_size_mb(folder),
-               "gflops": measure.gflops_per_example(model, seq)}
-        for bs in (1, 32):
-            row[f"torch_bs{bs}_ms"] = measure.torch_latency_ms(model, bs, seq, warmup=args.warmup, repeats=args.repeats)
-            row[f"ort_bs{bs}_ms"] = ort_ms(model, bs, seq, args.warmup, args.repeats)
-        rows.append(row)
+        rows.append({"name": name, "accuracy": acc, "params": measure_params(model),
+                     "size_mb": measure.weights_size_mb(folder), "gflops": measure.gflops_per_example(model, seq)})
+        fns.append(timers(model, seq, tmp, str(len(fns))))
+    for row, lat in zip(rows, measure.interleaved_latency_ms(fns, rounds=args.rounds, repeats=args.repeats,
+                                                            warmup=args.warmup)):
+        row.update(lat)
     base = rows[0]
-    print(f"# {hw['cpu']}, {hw['threads']} threads, torch {hw['torch']}; seq {seq} tokens (dev mean)")
+    print(f"# {hw['cpu']}, {hw['threads']} threads, torch {hw['torch']}; seq {seq} tokens (dev mean); "
+          f"median of {args.rounds}x{args.repeats} interleaved runs")
     print("| model | dev acc | Δ acc | params | size MB | GFLOPs | torch bs1 ms | torch bs32 ms | ORT bs1 ms | ORT bs32 ms | torch bs32 × | ORT bs32 × |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -41,3 +41,12 @@ def test_evaluate_model_accuracy(tiny_models, sst2_slice):
     logits = measure.predict_logits(model, ds, {"input_ids": tok.pad_token_id})
     manual = (logits.argmax(-1) == torch.tensor(ds.labels)).float().mean().item()
     assert m["accuracy"] == pytest.approx(manual) and 0 <= m["accuracy"] <= 1 and m["loss"] > 0
+
+
+def test_interleaved_latency_times_every_model_every_round():
+    order = []
+    fns = [{"a": lambda: order.append("m0")}, {"a": lambda: order.append("m1"), "b": lambda: order.append("m1b")}]
+    out = measure.interleaved_latency_ms(fns, rounds=3, repeats=2, warmup=1)
+    assert [set(o) for o in out] == [{"a"}, {"a", "b"}]
+    timed = order[3:]  # after one warm-up call each
+    assert timed == ["m0", "m0", "m1", "m1", "m1b", "m1b"] * 3

@@ -86,6 +86,28 @@ def latency_ms(run, *, warmup: int = 3, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def interleaved_latency_ms(fns: list[dict], *, rounds: int = 6, repeats: int = 5, warmup: int = 3) -> list[dict]:
+    """Median ms of each callable in ``fns`` (one dict of named callables per model), timed round-robin.
+
+    Every model is timed in every round, so a change in machine load during the run hits all models alike:
+    the ratios stay fair on a shared, noisy machine.
+    """
+    for f in fns:
+        for fn in f.values():
+            for _ in range(warmup):
+                fn()
+    samples = [{k: [] for k in f} for f in fns]
+    for _ in range(rounds):
+        for f, smp in zip(fns, samples):
+            for key, fn in f.items():
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    fn()
+                    smp[key].append((time.perf_counter() - t) * 1e3)
+    return [{k: statistics.median(v) for k, v in smp.items()} for smp in samples]
+
+
 def torch_latency_ms(model, batch_size: int, seq_len: int, *, warmup: int = 3, repeats: int = 10) -> float:
     model.eval()
     batch = dummy_batch(model, batch_size, seq_len)

@@ -101,7 +101,8 @@ class PruneSettings(TrainSettings):
 @dataclass
 class EvaluateSettings:
     split: str = opt("dev", "split to measure accuracy on")
-    latency_repeats: int = opt(10, "timed runs per latency figure (median reported)", min=1)
+    latency_repeats: int = opt(5, "timed runs per model per round (median of all rounds reported)", min=1)
+    latency_rounds: int = opt(5, "rounds over all models, interleaved so machine load hits them alike", min=1)
     warmup: int = opt(3, "untimed runs before timing", min=0)
     batch_sizes: list = opt([1, 32], "batch sizes to time")
 

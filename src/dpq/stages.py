@@ -284,28 +284,35 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
 
 
 def evaluate_dirs(dirs: list[Path], data: TextData, settings: EvaluateSettings) -> list[dict]:
-    """One row per model: accuracy, loss, params, on-disk size, GFLOPs, latency at each batch size."""
+    """One row per model: accuracy, loss, params, on-disk size, GFLOPs, latency at each batch size.
+
+    Latency is timed after every model is loaded, round-robin across models, so the ratios between them
+    are taken under the same machine load.
+    """
     split = data.split(settings.split)
-    rows = []
+    rows, timers = [], []
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
             raise DpqError(f"{d}: no such model folder")
         model, tok = models.load_model(d)
         ds = encode_split(split, tok, min(512, getattr(model.config, "max_position_embeddings", 512)))
-        pads = pad_ids(tok)
-        m = measure.evaluate_model(model, ds, pads)
+        m = measure.evaluate_model(model, ds, pad_ids(tok))
         seq = max(1, round(ds.mean_length()))
-        row = {"model": str(d), "name": d.name, "runtime": "torch-fp32", "split": settings.split, "examples": len(ds),
-               **m, "params": models.param_count(model), "size_mb": round(measure.weights_size_mb(d), 3),
-               "seq_len": seq, "gflops": round(measure.gflops_per_example(model, seq), 4)}
-        for bs in settings.batch_sizes:
-            row[f"latency_ms_bs{bs}"] = round(measure.torch_latency_ms(model, bs, seq, warmup=settings.warmup,
-                                                                       repeats=settings.latency_repeats), 3)
-        row["hardware"] = measure.hardware()
-        rows.append(row)
-        log.info("evaluated %s: accuracy %.4f, %.1f MB, %s", d, m["accuracy"], row["size_mb"],
-                 ", ".join(f"bs{bs} {row[f'latency_ms_bs{bs}']:.1f} ms" for bs in settings.batch_sizes))
+        rows.append({"model": str(d), "name": d.name, "runtime": "torch-fp32", "split": settings.split,
+                     "examples": len(ds), **m, "params": models.param_count(model),
+                     "size_mb": round(measure.weights_size_mb(d), 3), "seq_len": seq,
+                     "gflops": round(measure.gflops_per_example(model, seq), 4)})
+        batches = {bs: measure.dummy_batch(model, bs, seq) for bs in settings.batch_sizes}
+        timers.append({f"latency_ms_bs{bs}": (lambda m=model, x=x: m(**x)) for bs, x in batches.items()})
+    with torch.no_grad():
+        lat = measure.interleaved_latency_ms(timers, rounds=settings.latency_rounds, repeats=settings.latency_repeats,
+                                             warmup=settings.warmup)
+    hw = measure.hardware()
+    for row, t in zip(rows, lat):
+        row.update({k: round(v, 3) for k, v in t.items()}, hardware=hw)
+        log.info("evaluated %s: accuracy %.4f, %.1f MB, %s", row["model"], row["accuracy"], row["size_mb"],
+                 ", ".join(f"{k[11:]} {v:.1f} ms" for k, v in t.items()))
     return rows
 
 
