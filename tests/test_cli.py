@@ -106,6 +106,10 @@ evaluate: {{latency_repeats: 1, warmup: 0}}
 
     code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")
     assert code == 0 and out.count("skip") == 5
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    code, out, err = run_cli(capsys, "run", recipe, "--out", run)  # the same command again: nothing retrained
+    assert code == 0, err
+    assert err.count("skipped") == 5 and {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == before
 
     recipe.write_text(body.replace("ALPHA", "0.9"))
     code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")

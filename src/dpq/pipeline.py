@@ -124,7 +124,8 @@ def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | N
         for name, todo, why in pipe.run(dry_run=True):
             print(f"{name:10s} {'run ' if todo else 'skip'}  {why}")
         return run_dir
-    check_writable(run_dir / "recipe.yaml")
+    check_writable(run_dir)
+    run_dir.mkdir(exist_ok=True)
     _write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
     pipe.run()
     log.info("run complete: %s (results in %s)", run_dir, run_dir / "evaluation" / "results.md")

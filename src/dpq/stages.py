@@ -45,6 +45,8 @@ def check_writable(out: Path) -> None:
         raise DpqError(f"{parent}: output folder is not writable")
     if out.exists() and not out.is_dir():
         raise DpqError(f"{out}: exists and is not a folder")
+    if out.is_dir() and not os.access(out, os.W_OK):
+        raise DpqError(f"{out}: output folder is not writable")
 
 
 def pad_ids(tokenizer, teacher_tokenizer=None) -> dict[str, int]:
