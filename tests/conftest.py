@@ -64,13 +64,15 @@ def make_tiny(folder: Path, vocab: list[str], *, hidden=32, layers=2, heads=4, f
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # transformers 5 takes the vocabulary itself (a vocab_file= keyword is silently ignored: every word -> [UNK])
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                      intermediate_size=ffn, max_position_embeddings=128, num_labels=2,
                      id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
     BertForSequenceClassification(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
+    assert tok.unk_token_id not in tok(vocab[-1])["input_ids"], "tiny tokenizer lost its vocabulary"
     return folder
 
 

@@ -90,26 +90,32 @@ teacher: {{model: {tiny_models['teacher']}, epochs: 1, max_train_samples: 48, ba
 baseline: {{epochs: 1, max_train_samples: 48, batch_size: 16}}
 distill: {{student: {tiny_models['student']}, epochs: 1, max_train_samples: 48, batch_size: 16, alpha: ALPHA}}
 prune: {{epochs: 1, max_train_samples: 48, batch_size: 16, heads: 0.5, ffn: 0.5, update_every: 1}}
+quantize: {{methods: [rtn, qat], group_size: 16, epochs: 1, max_train_samples: 48, batch_size: 16, loss_weights: gor}}
+export: {{precisions: [int8, int4], accuracy_level: 0}}
 evaluate: {{latency_repeats: 1, warmup: 0}}
 """
     recipe.write_text(body.replace("ALPHA", "0.5"))
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "run", recipe, "--out", run)
     assert code == 0, err
-    for name in ("teacher", "baseline", "distilled", "pruned", "evaluation"):
+    exports = ["export-int8-pruned", "export-int4-quantized-rtn", "export-int4-quantized-qat"]
+    for name in ["teacher", "baseline", "distilled", "pruned", "quantized-rtn", "quantized-qat", *exports, "evaluation"]:
         assert artifacts.is_complete(run / name), name
     assert (run / "recipe.yaml").is_file()
     rows = json.loads((run / "evaluation" / "results.json").read_text())
-    assert [r["name"] for r in rows] == ["teacher", "baseline", "distilled", "pruned"]
+    assert [r["name"] for r in rows] == ["teacher", "baseline", "distilled", "pruned", *exports]
     assert rows[3]["params"] < rows[2]["params"] and rows[3]["gflops"] < rows[2]["gflops"]
     assert rows[0]["size_mb_vs_teacher"] == 1.0
+    assert [r["runtime"] for r in rows[3:]] == ["torch-fp32", "onnx-int8", "onnx-int4", "onnx-int4"]
+    assert rows[5]["size_mb"] < rows[4]["size_mb"] < rows[3]["size_mb"]  # int4 < int8 < fp32 on disk
+    assert rows[5]["gflops"] == rows[3]["gflops"]  # same network, counted from the same structure
 
     code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")
-    assert code == 0 and out.count("skip") == 5
+    assert code == 0 and out.count("skip") == 10
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
     code, out, err = run_cli(capsys, "run", recipe, "--out", run)  # the same command again: nothing retrained
     assert code == 0, err
-    assert err.count("skipped") == 5 and {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == before
+    assert err.count("skipped") == 10 and {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == before
 
     recipe.write_text(body.replace("ALPHA", "0.9"))
     code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")
@@ -117,6 +123,7 @@ evaluate: {{latency_repeats: 1, warmup: 0}}
     assert lines["teacher"].startswith("skip") and lines["baseline"].startswith("skip")
     assert lines["distill"].startswith("run") and "alpha" in lines["distill"]
     assert lines["prune"].startswith("run")  # downstream of the changed stage
+    assert lines["quantize-qat"].startswith("run") and lines["export-int4-quantized-qat"].startswith("run")
     assert lines["evaluate"].startswith("run")
 
 

@@ -194,9 +194,9 @@ def test_other_encoders_prune_reload_and_match(arch, tmp_path):
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, masked, rtol=1e-5, atol=1e-6)
     model.save_pretrained(tmp_path)
     (tmp_path / "vocab.txt").write_text("")  # no tokenizer needed for this check
-    from dpq.models import _load_pruned
+    from dpq.models import _load_built
     from transformers import AutoConfig
 
-    reloaded = _load_pruned(str(tmp_path), AutoConfig.from_pretrained(tmp_path), False).eval()
+    reloaded = _load_built(str(tmp_path), AutoConfig.from_pretrained(tmp_path), False).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, masked, rtol=1e-5, atol=1e-6)

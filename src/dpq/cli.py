@@ -34,7 +34,7 @@ def _add_settings(parser: argparse.ArgumentParser, cls, *, skip=(), title: str |
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif "choices" in f.metadata:
-            group.add_argument(flag, choices=f.metadata["choices"], **kw)
+            group.add_argument(flag, type=tp, choices=[c for c in f.metadata["choices"] if c is not None], **kw)
         elif tp is list or typing.get_origin(tp) is list:
             group.add_argument(flag, nargs="+", type=int if f.name in ("layer_map", "batch_sizes") else str, **kw)
         else:
@@ -61,7 +61,7 @@ def _load_data(args, need=("train", "dev")):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .recipe import DistillSettings, EvaluateSettings, PruneSettings, TeacherSettings
+    from .recipe import DistillSettings, EvaluateSettings, ExportSettings, PruneSettings, QuantizeSettings, TeacherSettings
 
     parser = argparse.ArgumentParser(prog="dpq", description="Distill, Prune, Quantize transformer text classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -94,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if --out is complete with the same settings")
     _data_args(p)
     _add_settings(p, PruneSettings, skip=("enabled",), title="pruning and training settings")
+
+    p = sub.add_parser("quantize", help="4/8-bit weights: PTQ (rtn, gptq) or QAT with KD (fixed or GoR loss weights)")
+    p.add_argument("--model", required=True, help="fp32 model folder (from `dpq distill` or `dpq prune`)")
+    p.add_argument("--out", required=True, help="artifact folder to write (packed model.quant.safetensors)")
+    p.add_argument("--method", required=True, choices=("rtn", "gptq", "qat"), help="round-to-nearest, GPTQ, or QAT with KD")
+    p.add_argument("--teacher", help="teacher artifact folder (QAT: distil from it)")
+    p.add_argument("--force", action="store_true", help="redo even if --out is complete with the same settings")
+    _data_args(p)
+    _add_settings(p, QuantizeSettings, skip=("enabled", "methods"), title="quantization and QAT settings")
+
+    p = sub.add_parser("export", help="ONNX export: fp32, int8 (dynamic) or int4 (MatMulNBits, the model's own codes)")
+    p.add_argument("--model", required=True, help="model folder (int4: a 4-bit `dpq quantize` folder)")
+    p.add_argument("--out", required=True, help="folder to write (model.onnx, config, tokenizer, export.json)")
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="export format")
+    p.add_argument("--precision", required=True, choices=("fp32", "int8", "int4"), help="weight precision in the file")
+    p.add_argument("--force", action="store_true", help="redo even if --out is complete with the same settings")
+    _add_settings(p, ExportSettings, skip=("enabled", "precisions"), title="export settings")
 
     p = sub.add_parser("evaluate", help="accuracy, size, GFLOPs and latency of model folders")
     p.add_argument("models", nargs="+", metavar="DIR", help="model folders")
@@ -168,6 +185,53 @@ def _cmd_prune(args) -> None:
                                                                 stage_settings=stage_settings), force=args.force)
 
 
+def _cmd_quantize(args) -> None:
+    import dataclasses as dc
+
+    from . import artifacts
+    from .pipeline import run_stage
+    from .recipe import QuantizeSettings, build
+    from .stages_quant import quantize_stage
+
+    settings = build(QuantizeSettings, _given(args, QuantizeSettings, skip=("enabled", "methods")), "quantize")
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise DpqError(f"{model}: no model folder here (run `dpq distill` or `dpq prune` first)")
+    teacher = Path(args.teacher) if args.teacher else None
+    if args.method == "qat":
+        if teacher is None:
+            raise DpqError("--method qat distils from a teacher: give --teacher DIR")
+        if artifacts.read_manifest(teacher) is None:
+            raise DpqError(f"{teacher}: no finished teacher (run `dpq teacher` first)")
+    data, spec = _load_data(args)
+    stage_settings = dict(dc.asdict(settings), method=args.method,
+                          data={"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows},
+                          teacher=(artifacts.read_manifest(teacher) or {}).get("settings_hash") if teacher else None,
+                          model=(artifacts.read_manifest(model) or {}).get("settings_hash"))
+    out = Path(args.out)
+    run_stage("quantize", out, stage_settings, lambda: quantize_stage(settings, args.method, model, teacher, data, out,
+                                                                      stage_settings=stage_settings), force=args.force)
+
+
+def _cmd_export(args) -> None:
+    import dataclasses as dc
+
+    from . import artifacts
+    from .pipeline import run_stage
+    from .recipe import ExportSettings, build
+    from .stages_quant import export_stage
+
+    settings = build(ExportSettings, _given(args, ExportSettings, skip=("enabled", "precisions")), "export")
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise DpqError(f"{model}: no model folder here")
+    stage_settings = dict(dc.asdict(settings), precision=args.precision,
+                          model=(artifacts.read_manifest(model) or {}).get("settings_hash"))
+    out = Path(args.out)
+    run_stage("export", out, stage_settings, lambda: export_stage(settings, args.precision, model, out,
+                                                                  stage_settings=stage_settings), force=args.force)
+
+
 def _cmd_evaluate(args) -> None:
     from . import artifacts
     from .recipe import EvaluateSettings, build
@@ -185,7 +249,7 @@ def _cmd_evaluate(args) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "teacher": _cmd_teacher, "distill": _cmd_distill, "prune": _cmd_prune,
-            "evaluate": _cmd_evaluate}
+            "quantize": _cmd_quantize, "export": _cmd_export, "evaluate": _cmd_evaluate}
 
 
 def _quiet_libraries() -> None:

@@ -95,6 +95,59 @@ class FixedWeighting(nn.Module):
         return (1 - self.alpha) * task + self.alpha * kd, {}
 
 
+class GoRWeighting(nn.Module):
+    """Game of Regularizer (GoR; Rehman et al., arXiv 2509.20854): two trainable scalars balance the task
+    loss and the KD loss, learned jointly with the student.
+
+    dpq's reading of the paper's abstract, not a transcription: only its abstract could be read (the stored
+    copy of arXiv 2509.20854v1 stops before the method section, so its equation cannot be cited here). The
+    abstract fixes two trainable parameters that weight the task and KD losses dynamically, because their
+    gradient magnitudes differ under low-bit QAT. The form used is learned log-variance weighting
+    (Kendall, Gal & Cipolla, CVPR 2018, eq. 7):
+
+        L = exp(-s_task)·L_task + exp(-s_kd)·L_kd + s_task + s_kd,    s_task = s_kd = 0 at the start
+
+    so the weights exp(-s) start at 1 and stay positive, and the +s terms stop both from collapsing to 0.
+    Each s is clamped to [-s_max, s_max] (weights within e^±s_max) so one term can never switch the other
+    off. The scalars are excluded from weight decay. Any module with this ``forward`` can replace it.
+    """
+
+    def __init__(self, s_max: float = 5.0):
+        super().__init__()
+        self.s_task = nn.Parameter(torch.zeros(()))
+        self.s_kd = nn.Parameter(torch.zeros(()))
+        for p in (self.s_task, self.s_kd):
+            p._dpq_no_decay = True
+        self.s_max = s_max
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.exp(-self.s_task.clamp(-self.s_max, self.s_max)), torch.exp(-self.s_kd.clamp(-self.s_max, self.s_max))
+
+    def forward(self, task: torch.Tensor, kd: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        st, sk = self.s_task.clamp(-self.s_max, self.s_max), self.s_kd.clamp(-self.s_max, self.s_max)
+        total = torch.exp(-st) * task + torch.exp(-sk) * kd + st + sk
+        return total, {"gor_w_task": torch.exp(-st).detach(), "gor_w_kd": torch.exp(-sk).detach()}
+
+
+def make_weighting(kind: str, alpha: float) -> nn.Module:
+    if kind == "fixed":
+        return FixedWeighting(alpha)
+    if kind == "gor":
+        return GoRWeighting()
+    raise DpqError(f"loss_weights must be fixed or gor (got {kind!r})")
+
+
+def ensemble_logits(logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Logits whose temperature-softened distribution is the mean of the teachers' softened distributions.
+
+    T·log(mean_i softmax(z_i/T)): plugging these into ``soft_label_kd`` distils from the averaged
+    ensemble (EKD) without any change to the KD loss.
+    """
+    t = temperature
+    probs = torch.stack([torch.softmax(z.float() / t, dim=-1) for z in logits]).mean(0)
+    return t * probs.clamp_min(1e-30).log()
+
+
 class KDLoss(nn.Module):
     """All distillation terms for one student/teacher pair; owns the trained projections."""
 

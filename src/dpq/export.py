@@ -66,3 +66,19 @@ def ort_session(path: Path, threads: int | None = None):
 def ort_logits(session, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
     return session.run(["logits"], {"input_ids": input_ids.numpy().astype(np.int64),
                                     "attention_mask": attention_mask.numpy().astype(np.int64)})[0]
+
+
+def ort_predict_logits(session, ds, pad_ids: dict[str, int], batch_size: int = 64) -> torch.Tensor:
+    """Logits of every example of ``ds`` from an ONNX Runtime session, in dataset order."""
+    from .data import make_loader
+
+    parts = [(b["index"], torch.from_numpy(ort_logits(session, b["input_ids"], b["attention_mask"])))
+             for b in make_loader(ds, pad_ids, batch_size, shuffle=False)]
+    out = torch.empty(len(ds), parts[0][1].shape[-1] if parts else 0)
+    for idx, logits in parts:
+        out[idx] = logits
+    return out
+
+
+def is_onnx_folder(folder: Path) -> bool:
+    return (Path(folder) / "model.onnx").is_file() and (Path(folder) / "export.json").is_file()

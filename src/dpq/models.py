@@ -26,7 +26,7 @@ from .errors import DpqError
 
 log = logging.getLogger("dpq")
 
-WEIGHT_FILES = ("model.safetensors",)
+WEIGHT_FILES = ("model.safetensors", "model.quant.safetensors")
 
 
 def cache_dir() -> Path:
@@ -170,8 +170,8 @@ def load_classifier(model_id: str, *, num_labels: int | None = None, label_names
         # attention-map distillation needs the probabilities, which the fused SDPA kernel does not return
         config._attn_implementation = "eager"
     try:
-        if getattr(config, "dpq_kept_heads", None):
-            model = _load_pruned(src, config, eager_attention)
+        if any(getattr(config, k, None) for k in ("dpq_kept_heads", "dpq_quant", "dpq_vocab_original")):
+            model = _load_built(src, config, eager_attention)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
                 src, config=config, attn_implementation="eager" if eager_attention else None)
@@ -184,15 +184,30 @@ def load_classifier(model_id: str, *, num_labels: int | None = None, label_names
     return model, tokenizer
 
 
-def _load_pruned(src: str, config, eager_attention: bool):
-    """A structurally pruned model: build the original shapes, shrink them as the config records, load exactly."""
+def _load_built(src: str, config, eager_attention: bool):
+    """A pruned and/or quantized model: build the original shapes, shrink them as the config records, then
+    load the weights exactly (a packed quantized checkpoint loads as its dequantized values)."""
     from safetensors.torch import load_model as load_weights
 
     from .prune import restore_structure
+    from .quant.vocab import restore_vocab
 
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager" if eager_attention else None)
     restore_structure(model)
-    load_weights(model, str(Path(src) / "model.safetensors"), strict=True)
+    restore_vocab(model)
+    quant = getattr(config, "dpq_quant", None)
+    if quant:
+        from .quant.packed import dequantized_state
+
+        state = dequantized_state(Path(src), quant)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise DpqError(f"{src}: quantized checkpoint does not match its config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    else:
+        load_weights(model, str(Path(src) / "model.safetensors"), strict=True)
     return model
 
 

@@ -14,6 +14,7 @@ from .data import TextData, load_data
 from .errors import DpqError
 from .recipe import Recipe, dump_recipe, load_recipe
 from .stages import check_writable, distill_stage, prune_stage, evaluate_dirs, finetune_stage, format_table, work_dir_for
+from .stages_quant import export_stage, quantize_stage
 
 log = logging.getLogger("dpq")
 
@@ -82,7 +83,33 @@ class Pipeline:
             plan.append(("prune", run / "pruned", prune_s,
                          lambda: prune_stage(r.prune, run / "distilled", run / "teacher", self.data, run / "pruned",
                                              stage_settings=prune_s)))
-        models_in = [p for name, p, _, _ in plan]
+        source, source_s = (run / "pruned", prune_s) if r.prune.enabled else (run / "distilled", distill_s)
+        quantized = []
+        if r.quantize.enabled:
+            for method in r.quantize.methods:
+                q_s = dict(dataclasses.asdict(r.quantize), method=method, data=data,
+                           teacher=artifacts.settings_hash(teacher_s), model=artifacts.settings_hash(source_s))
+                q_s.pop("methods")
+                q_out = run / f"quantized-{method}"
+                plan.append((f"quantize-{method}", q_out, q_s,
+                             lambda method=method, q_out=q_out, q_s=q_s: quantize_stage(
+                                 r.quantize, method, source, run / "teacher", self.data, q_out, stage_settings=q_s)))
+                quantized.append((method, q_out, q_s))
+        exports = []
+        if r.export.enabled:
+            for precision in r.export.precisions:
+                targets = ([(source.name, source, source_s)] if precision in ("fp32", "int8")
+                           else [(f"quantized-{m}", d, s_) for m, d, s_ in quantized if r.quantize.bits == 4])
+                for label, src, src_s in targets:
+                    e_s = dict(dataclasses.asdict(r.export), precision=precision, model=artifacts.settings_hash(src_s))
+                    e_s.pop("precisions")
+                    e_out = run / f"export-{precision}-{label}"
+                    plan.append((f"export-{precision}-{label}", e_out, e_s,
+                                 lambda precision=precision, src=src, e_out=e_out, e_s=e_s: export_stage(
+                                     r.export, precision, src, e_out, stage_settings=e_s)))
+                    exports.append(e_out)
+        # quantized folders are measured through their exports (the integer file itself), not as torch rows
+        models_in = [p for name, p, _, _ in plan if not name.startswith(("quantize-", "export-"))] + exports
         eval_s = dict(dataclasses.asdict(r.evaluate), data=data,
                       inputs={name: artifacts.settings_hash(s) for name, _, s, _ in plan})
         plan.append(("evaluate", run / "evaluation", eval_s, lambda: self._evaluate(models_in, eval_s)))

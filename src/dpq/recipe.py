@@ -19,6 +19,16 @@ import yaml
 from .errors import DpqError
 
 
+def _check_list(where: str, values, allowed: tuple) -> None:
+    if not isinstance(values, list):
+        raise DpqError(f"{where}: expected a list, got {values!r}")
+    for v in values:
+        if v not in allowed:
+            raise DpqError(f"{where}: {v!r} is not one of {', '.join(allowed)}{_did_you_mean(str(v), allowed)}")
+    if len(set(values)) != len(values):
+        raise DpqError(f"{where}: {values} names one entry twice")
+
+
 def opt(default, help: str, **kw):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **kw})
@@ -99,6 +109,50 @@ class PruneSettings(TrainSettings):
 
 
 @dataclass
+class QuantizeSettings(TrainSettings):
+    """4/8-bit weights of the pruned (or distilled) student: PTQ (rtn, gptq) and QAT with KD."""
+
+    enabled: bool = opt(True, "run the quantization stages")
+    methods: list = opt(["gptq", "qat"], "recipe only: one quantize stage per method (rtn | gptq | qat)")
+    bits: int = opt(4, "weight bit width (4 or 8)", choices=(4, 8))
+    group_size: int = opt(32, "weights per scale (consecutive input columns of one output row)", choices=(16, 32, 64, 128))
+    symmetric: bool = opt(True, "symmetric grid (zero point fixed); --no-symmetric stores a zero point per group (PTQ only)")
+    embeddings: typing.Optional[str] = opt(None, "embedding tables: 4 | 8 | none (default: the weights' bit width)",
+                                           choices=(None, "4", "8", "none"))
+    trim_vocab: bool = opt(False, "keep only the embedding rows of tokens the training data uses (others read as [UNK])")
+    calibration_samples: int = opt(128, "training examples fed through the model to calibrate GPTQ", min=1)
+    loss_weights: str = opt("fixed", "QAT: fixed (alpha) or gor (two learned scalars, arXiv 2509.20854)",
+                            choices=("fixed", "gor"))
+    ensemble: bool = opt(False, "QAT: distil from the teacher and the fp32 model together (EKD)")
+    act_bits: typing.Optional[int] = opt(None, "QAT: fake-quantize linear-layer inputs to this many bits (8)", choices=(None, 8))
+    lr: float = opt(5e-5, "QAT peak learning rate", gt=0)
+    epochs: int = opt(1, "QAT passes over the training data", min=1)
+    temperature: float = opt(2.0, "KD temperature", gt=0)
+    alpha: float = opt(0.5, "weight of the soft-label KD term (fixed weighting)", min=0, max=1)
+    hidden_weight: float = opt(0.0, "hidden-state KD weight", min=0)
+    attention_weight: float = opt(0.0, "attention-map KD weight", min=0)
+    layer_map: typing.Optional[list] = opt(None, "teacher layer for each student layer")
+
+    def __post_init__(self):
+        _check_list("quantize.methods", self.methods, ("rtn", "gptq", "qat"))
+
+    def embedding_bits(self) -> int | None:
+        if self.embeddings is None:
+            return self.bits
+        return None if self.embeddings == "none" else int(self.embeddings)
+
+
+@dataclass
+class ExportSettings:
+    enabled: bool = opt(True, "run the export stages")
+    precisions: list = opt(["fp32", "int8", "int4"], "recipe only: fp32 and int8 export the fp32 model, int4 each quantized one")
+    accuracy_level: int = opt(4, "int4 MatMulNBits: 4 = int8 activations (fast path), 0 = fp32 dequantize path",
+                              choices=(0, 1, 2, 3, 4))
+    int8_weights: str = opt("auto", "int8: s8 (U8S8, reduce_range) | u8 (U8U8) | auto (chosen for this CPU)",
+                            choices=("auto", "s8", "u8"))
+
+
+@dataclass
 class EvaluateSettings:
     split: str = opt("dev", "split to measure accuracy on")
     latency_repeats: int = opt(5, "timed runs per model per round (median of all rounds reported)", min=1)
@@ -108,7 +162,7 @@ class EvaluateSettings:
 
 
 STAGES = {"teacher": TeacherSettings, "baseline": BaselineSettings, "distill": DistillSettings, "prune": PruneSettings,
-          "evaluate": EvaluateSettings}
+          "quantize": QuantizeSettings, "export": ExportSettings, "evaluate": EvaluateSettings}
 
 
 @dataclass
@@ -119,6 +173,8 @@ class Recipe:
     baseline: BaselineSettings = field(default_factory=BaselineSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
     prune: PruneSettings = field(default_factory=PruneSettings)
+    quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
 
     def to_dict(self) -> dict:
@@ -174,7 +230,8 @@ def _check_bounds(obj, where: str) -> None:
         m = f.metadata
         name = f"{where}.{f.name}"
         if "choices" in m and v not in m["choices"]:
-            raise DpqError(f"{name}: one of {', '.join(m['choices'])} (got {v!r}){_did_you_mean(str(v), m['choices'])}")
+            shown = [str(c) for c in m["choices"] if c is not None]
+            raise DpqError(f"{name}: one of {', '.join(shown)} (got {v!r}){_did_you_mean(str(v), shown)}")
         if v is None or isinstance(v, (bool, list, str)):
             continue
         if "min" in m and v < m["min"]:

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import artifacts, measure, models, prune
+from . import artifacts, export, measure, models, prune
 from .data import TextData, encode_split
-from .distill import KDConfig, KDLoss
+from .distill import KDConfig, KDLoss, ensemble_logits
 from .errors import DpqError
 from .recipe import DistillSettings, EvaluateSettings, PruneSettings, TrainSettings
 from .train import TrainConfig, train
@@ -112,16 +112,18 @@ def _teacher_key(teacher_dir: Path, train_fingerprint: str, max_length: int) -> 
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def cached_teacher_logits(teacher, teacher_dir: Path, train_set, train_fingerprint: str, pads: dict, max_length: int) -> torch.Tensor:
+def cached_teacher_logits(teacher, teacher_dir: Path, train_set, train_fingerprint: str, pads: dict, max_length: int,
+                          key: str = "teacher_input_ids") -> torch.Tensor:
     """Teacher logits for the whole train set, computed once and cached by (teacher files, data, max_length)."""
-    path = models.cache_dir() / "teacher-logits" / f"{_teacher_key(teacher_dir, train_fingerprint, max_length)}.safetensors"
+    name = _teacher_key(teacher_dir, train_fingerprint, max_length) + ("-own" if key == "input_ids" else "")
+    path = models.cache_dir() / "teacher-logits" / f"{name}.safetensors"
     if path.is_file():
         logits = load_file(str(path))["logits"]
         if logits.shape[0] == len(train_set):
             log.info("teacher logits from cache %s", path)
             return logits
     log.info("computing teacher logits for %d training examples (cached for later runs)", len(train_set))
-    logits = measure.predict_logits(teacher, train_set, pads, batch_size=64, key="teacher_input_ids")
+    logits = measure.predict_logits(teacher, train_set, pads, batch_size=64, key=key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"logits": logits.contiguous()}, str(tmp))
@@ -147,7 +149,15 @@ class KDSession:
         return measure.evaluate_model(self.student, self.dev_set, {"input_ids": self.pads["input_ids"]})
 
 
-def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, data: TextData) -> KDSession:
+def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, data: TextData, *,
+               weighting: nn.Module | None = None, ensemble_with_student: bool = False,
+               prepare_student=None) -> KDSession:
+    """Teacher, student, encoded data and the KD loss for one stage.
+
+    ``ensemble_with_student``: distil from the average of the teacher and the student as loaded (EKD; the
+    fp32 model a QAT run starts from). ``prepare_student(model)`` transforms the student before training
+    (QAT swaps in fake-quantized modules).
+    """
     if not artifacts.is_complete(teacher_dir):
         raise DpqError(f"{teacher_dir}: no finished teacher here (run `dpq teacher` first)")
     eager = kd_cfg.attention_weight > 0
@@ -157,7 +167,9 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
         raise DpqError(f"{teacher_dir}: teacher classes {teacher_labels} differ from the data's {data.label_names}")
     teacher.eval().requires_grad_(False)
     student, s_tok = models.load_classifier(student_id, label_names=data.label_names, eager_attention=eager)
-    kd = KDLoss(kd_cfg, student.config, teacher.config)
+    kd = KDLoss(kd_cfg, student.config, teacher.config, weighting=weighting)
+    if ensemble_with_student and kd_cfg.needs_teacher_forward:
+        raise DpqError("ensemble distillation uses logits only; set hidden_weight and attention_weight to 0")
 
     train_split = data.split("train").subset(settings.max_train_samples, settings.seed)
     train_set = encode_split(train_split, s_tok, settings.max_length, teacher_tokenizer=t_tok)
@@ -166,6 +178,12 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
     cached = None
     if not kd_cfg.needs_teacher_forward:
         cached = cached_teacher_logits(teacher, teacher_dir, train_set, train_split.fingerprint(), pads, settings.max_length)
+    if ensemble_with_student:
+        own = cached_teacher_logits(student, Path(student_id), train_set, train_split.fingerprint(), pads,
+                                    settings.max_length, key="input_ids")
+        cached = ensemble_logits([cached, own], kd_cfg.temperature)
+    if prepare_student is not None:
+        prepare_student(student)
     want_h, want_a = kd_cfg.hidden_weight > 0, kd_cfg.attention_weight > 0
 
     def loss_fn(batch):
@@ -285,6 +303,58 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _evaluate_torch(d: Path, split, settings: EvaluateSettings) -> tuple[dict, dict]:
+    model, tok = models.load_model(d)
+    ds = encode_split(split, tok, min(512, getattr(model.config, "max_position_embeddings", 512)))
+    m = measure.evaluate_model(model, ds, pad_ids(tok))
+    seq = max(1, round(ds.mean_length()))
+    quant = getattr(model.config, "dpq_quant", None)
+    # a packed checkpoint runs here as its dequantized fp32 weights: say so, its integer form is the ONNX export
+    runtime = f"torch-dequantized-int{quant['bits']}" if quant else "torch-fp32"
+    row = {"model": str(d), "name": d.name, "runtime": runtime, "split": settings.split, "examples": len(ds), **m,
+           "params": models.param_count(model), "size_mb": round(measure.weights_size_mb(d), 3), "seq_len": seq,
+           "gflops": round(measure.gflops_per_example(model, seq), 4)}
+    batches = {bs: measure.dummy_batch(model, bs, seq) for bs in settings.batch_sizes}
+    return row, {f"latency_ms_bs{bs}": (lambda m=model, x=x: m(**x)) for bs, x in batches.items()}
+
+
+def _evaluate_onnx(d: Path, split, settings: EvaluateSettings) -> tuple[dict, dict]:
+    """An exported folder runs in ONNX Runtime: its accuracy is the exported file's own."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    info = json.loads((d / "export.json").read_text())
+    if artifacts.is_complete(d):
+        artifacts.verify(d, ["model.onnx"])
+    config = AutoConfig.from_pretrained(d)
+    config.dpq_quant = None
+    from .quant.vocab import restore_vocab
+
+    skeleton = restore_vocab(prune.restore_structure(AutoModelForSequenceClassification.from_config(config))).eval()
+    tok = models.load_tokenizer(str(d))
+    try:
+        session = export.ort_session(d / "model.onnx", threads=torch.get_num_threads())
+    except Exception as e:  # ORT's own exceptions: a foreign or corrupt graph
+        raise DpqError(f"{d / 'model.onnx'}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+    ds = encode_split(split, tok, min(512, getattr(config, "max_position_embeddings", 512)))
+    logits = export.ort_predict_logits(session, ds, pad_ids(tok))
+    if logits.shape[-1] != config.num_labels:
+        raise DpqError(f"{d / 'model.onnx'}: gives {logits.shape[-1]} classes, its config.json says {config.num_labels}")
+    m = measure.accuracy_and_loss(logits, ds.labels)
+    seq = max(1, round(ds.mean_length()))
+    row = {"model": str(d), "name": d.name, "runtime": info.get("runtime", "onnx"), "split": settings.split,
+           "examples": len(ds), **m, "params": models.param_count(skeleton),
+           "size_mb": round(measure.weights_size_mb(d), 3), "seq_len": seq,
+           "gflops": round(measure.gflops_per_example(skeleton, seq), 4),
+           "kernels": {k: v for k, v in info.get("runtime_ops", {}).items()
+                       if k in ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "DynamicQuantizeMatMul",
+                                "QAttention", "Attention", "MatMul", "FusedMatMul", "Gemm")}}
+    timer = {}
+    for bs in settings.batch_sizes:
+        x = measure.dummy_batch(skeleton, bs, seq)
+        timer[f"latency_ms_bs{bs}"] = lambda x=x: export.ort_logits(session, x["input_ids"], x["attention_mask"])
+    return row, timer
+
+
 def evaluate_dirs(dirs: list[Path], data: TextData, settings: EvaluateSettings) -> list[dict]:
     """One row per model: accuracy, loss, params, on-disk size, GFLOPs, latency at each batch size.
 
@@ -297,16 +367,12 @@ def evaluate_dirs(dirs: list[Path], data: TextData, settings: EvaluateSettings) 
         d = Path(d)
         if not d.is_dir():
             raise DpqError(f"{d}: no such model folder")
-        model, tok = models.load_model(d)
-        ds = encode_split(split, tok, min(512, getattr(model.config, "max_position_embeddings", 512)))
-        m = measure.evaluate_model(model, ds, pad_ids(tok))
-        seq = max(1, round(ds.mean_length()))
-        rows.append({"model": str(d), "name": d.name, "runtime": "torch-fp32", "split": settings.split,
-                     "examples": len(ds), **m, "params": models.param_count(model),
-                     "size_mb": round(measure.weights_size_mb(d), 3), "seq_len": seq,
-                     "gflops": round(measure.gflops_per_example(model, seq), 4)})
-        batches = {bs: measure.dummy_batch(model, bs, seq) for bs in settings.batch_sizes}
-        timers.append({f"latency_ms_bs{bs}": (lambda m=model, x=x: m(**x)) for bs, x in batches.items()})
+        if export.is_onnx_folder(d):
+            row, timer = _evaluate_onnx(d, split, settings)
+        else:
+            row, timer = _evaluate_torch(d, split, settings)
+        rows.append(row)
+        timers.append(timer)
     with torch.no_grad():
         lat = measure.interleaved_latency_ms(timers, rounds=settings.latency_rounds, repeats=settings.latency_repeats,
                                              warmup=settings.warmup)

@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 0  # steps between evaluations; 0 = at the end of each epoch
     checkpoint_every: int = 100  # steps between resumable checkpoints
+    log_every: int = 1  # steps between metrics.jsonl rows (loss, lr, every logged loss term and GoR weight)
 
     @classmethod
     def from_settings(cls, settings: dict) -> "TrainConfig":
@@ -243,7 +244,7 @@ def train(
                 state["batch_in_epoch"] += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-                if state["step"] % 10 == 0:
+                if state["step"] % cfg.log_every == 0:
                     log_row({"step": state["step"], "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                              **{k: float(v) for k, v in logs.items()}})
                 if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["batch_in_epoch"] < steps_per_epoch:

@@ -1,0 +1,79 @@
+"""The packed quantized checkpoint: ``model.quant.safetensors`` beside an ordinary ``config.json``.
+
+For each quantized weight ``N``: ``N.qcodes`` (uint8; two 4-bit codes per byte for int4), ``N.scales``
+(float32, one per group) and, for asymmetric grids, ``N.zeros`` (uint8, packed like the codes). Every other
+tensor (biases, norms, the classification head) is stored as is. ``config.json`` carries a ``dpq_quant``
+section (method, bits, group size, and each quantized tensor's shape), so the file reloads into an
+ordinary PyTorch model whose weights are the dequantized values — bit-exactly the grid that was trained
+or calibrated, and the same grid the ONNX int4 export stores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import DpqError
+from .fake import QTensor, pack_int4, unpack_int4
+
+FILE = "model.quant.safetensors"
+
+
+def _pack(t: torch.Tensor, bits: int) -> torch.Tensor:
+    return pack_int4(t) if bits == 4 else t.to(torch.uint8)
+
+
+def _unpack(t: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    return unpack_int4(t, n) if bits == 4 else t
+
+
+def save_packed(model: torch.nn.Module, qweights: dict[str, QTensor], folder: Path, meta: dict) -> dict:
+    """Write ``FILE`` into ``folder`` and return the ``dpq_quant`` config section to store in config.json."""
+    tensors: dict[str, torch.Tensor] = {}
+    shapes, symmetric = {}, True
+    for name, q in qweights.items():
+        tensors[f"{name}.qcodes"] = _pack(q.codes, q.bits).contiguous()
+        tensors[f"{name}.scales"] = q.scales.float().contiguous()
+        half = 2 ** (q.bits - 1)
+        if not bool((q.zeros == half).all()):
+            tensors[f"{name}.zeros"] = _pack(q.zeros, q.bits).contiguous()
+            symmetric = False
+        shapes[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size}
+    for name, t in model.state_dict().items():
+        if name not in qweights:
+            tensors[name] = t.detach().cpu().contiguous()
+    save_file(tensors, str(Path(folder) / FILE), metadata={"format": "dpq-packed", "version": "1"})
+    return dict(meta, symmetric=symmetric, tensors=shapes)
+
+
+def load_qtensors(folder: Path, quant_cfg: dict) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
+    """(quantized weights, every other tensor) from ``FILE``; refuses a file that does not match its config."""
+    path = Path(folder) / FILE
+    try:
+        raw = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+        raise DpqError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    q: dict[str, QTensor] = {}
+    for name, info in quant_cfg.get("tensors", {}).items():
+        rows, cols = info["shape"]
+        bits, g = info["bits"], info["group_size"]
+        groups = -(-cols // g)
+        try:
+            codes = _unpack(raw.pop(f"{name}.qcodes"), bits, cols)
+            scales = raw.pop(f"{name}.scales")
+            zeros = raw.pop(f"{name}.zeros", None)
+        except KeyError as e:
+            raise DpqError(f"{path}: missing {e.args[0]} (file does not match its config.json)") from None
+        zeros = (torch.full((rows, groups), 2 ** (bits - 1), dtype=torch.uint8) if zeros is None
+                 else _unpack(zeros, bits, groups))
+        if tuple(codes.shape) != (rows, cols) or tuple(scales.shape) != (rows, groups):
+            raise DpqError(f"{path}: {name} has shape {tuple(codes.shape)}, config.json says {(rows, cols)}")
+        q[name] = QTensor(codes, scales, zeros, bits, g)
+    return q, raw
+
+
+def dequantized_state(folder: Path, quant_cfg: dict) -> dict[str, torch.Tensor]:
+    q, rest = load_qtensors(folder, quant_cfg)
+    return dict(rest, **{k: v.dequantize() for k, v in q.items()})

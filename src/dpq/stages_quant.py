@@ -1,0 +1,177 @@
+"""Quantize and export stages: ``quantize_stage`` (rtn | gptq | qat) writes a packed 4/8-bit artifact;
+``export_stage`` writes an ONNX folder (fp32, int8 dynamic, or int4 from a packed artifact's own codes)
+that ``dpq evaluate`` runs in ONNX Runtime."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import artifacts, export, measure, models
+from .data import TextData, encode_split
+from .distill import make_weighting
+from .errors import DpqError
+from .quant import packed
+from .quant.fake import QTensor
+from .quant.ptq import QuantConfig, calibration_batches, quantize_model
+from .quant.qat import QATConfig, convert_qat, prepare_qat
+from .quant.vocab import trim_vocab, used_token_ids
+from .recipe import ExportSettings, QuantizeSettings
+from .stages import _kd_config, _state_cloner, check_writable, kd_session, pad_ids, work_dir_for
+from .train import TrainConfig, train
+
+log = logging.getLogger("dpq")
+
+METHODS = ("rtn", "gptq", "qat")
+PRECISIONS = ("fp32", "int8", "int4")
+
+
+def _seal_quantized(model, tok, qweights: dict[str, QTensor], out: Path, *, settings: dict, metrics: dict, meta: dict,
+                    work: Path | None = None) -> Path:
+    with artifacts.artifact_dir(out, kind="quantize", settings=settings) as tmp:
+        model.config.dpq_quant = packed.save_packed(model, qweights, tmp, meta)
+        model.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        artifacts.write_json_atomic(tmp / "metrics.json", metrics)
+        if work is not None and (work / "metrics.jsonl").is_file():
+            shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _trim(model, tok, data: TextData, settings: QuantizeSettings) -> dict:
+    keep = used_token_ids(tok, data.split("train").texts, settings.max_length)
+    done = trim_vocab(model, keep, tok.unk_token_id)
+    log.info("vocabulary trimmed to the %d of %d tokens the training data uses", done["kept_tokens"], done["original_tokens"])
+    return done
+
+
+def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, teacher_dir: Path | None, data: TextData,
+                   out: Path, *, stage_settings: dict, stop_after_steps: int | None = None) -> Path:
+    out, model_dir = Path(out), Path(model_dir)
+    if method not in METHODS:
+        raise DpqError(f"quantize method must be one of {', '.join(METHODS)} (got {method!r})")
+    check_writable(out)
+    if not (model_dir / "config.json").is_file():
+        raise DpqError(f"{model_dir}: no model folder here (run `dpq distill` or `dpq prune` first)")
+    if (model_dir / packed.FILE).is_file():
+        raise DpqError(f"{model_dir}: already quantized; quantize the fp32 model it came from")
+    emb_bits = settings.embedding_bits()
+    meta = {"method": method, "bits": settings.bits, "group_size": settings.group_size, "embeddings": emb_bits,
+            "source": str(model_dir)}
+    t0 = time.time()
+    if method in ("rtn", "gptq"):
+        model, tok = models.load_classifier(str(model_dir))
+        model.eval()
+        dev = encode_split(data.split("dev"), tok, settings.max_length)
+        before = measure.evaluate_model(model, dev, pad_ids(tok))
+        if settings.trim_vocab:
+            meta.update(_trim(model, tok, data, settings))
+        calib = None
+        if method == "gptq":
+            train_split = data.split("train").subset(settings.calibration_samples, settings.seed)
+            calib = calibration_batches(encode_split(train_split, tok, settings.max_length), pad_ids(tok),
+                                        settings.calibration_samples, seed=settings.seed)
+        cfg = QuantConfig(method=method, bits=settings.bits, group_size=settings.group_size,
+                          symmetric=settings.symmetric, embeddings=emb_bits)
+        with torch.no_grad():
+            q = quantize_model(model, cfg, calib)
+        after = measure.evaluate_model(model, dev, pad_ids(tok))
+        metrics = dict(after, accuracy_before=before["accuracy"], params=models.param_count(model),
+                       kept_tokens=meta.get("kept_tokens"),
+                       quantized_tensors=len(q), seconds=time.time() - t0, runtime="torch-dequantized")
+        _seal_quantized(model, tok, q, out, settings=stage_settings, metrics=metrics, meta=meta)
+        log.info("quantize %s done: dev accuracy %.4f -> %.4f (PyTorch, dequantized weights) -> %s", method,
+                 before["accuracy"], after["accuracy"], out)
+        return out
+
+    # QAT with KD from the teacher (and, for EKD, from the fp32 model it starts from)
+    if teacher_dir is None:
+        raise DpqError("QAT needs --teacher (a finished `dpq teacher` folder) for distillation")
+    if not settings.symmetric:
+        raise DpqError("QAT learns symmetric step sizes (LSQ); drop --no-symmetric")
+    qcfg = QATConfig(bits=settings.bits, group_size=settings.group_size, embeddings=emb_bits, act_bits=settings.act_bits)
+    weighting = make_weighting(settings.loss_weights, settings.alpha)
+
+    def prepare(m):
+        if settings.trim_vocab:
+            meta.update(_trim(m, models.load_tokenizer(str(model_dir)), data, settings))
+        prepare_qat(m, qcfg)
+
+    ses = kd_session(settings, _kd_config(settings), Path(teacher_dir), str(model_dir), data, weighting=weighting,
+                     ensemble_with_student=settings.ensemble, prepare_student=prepare)
+    student = ses.student
+    work = work_dir_for(out)
+    fp = artifacts.settings_hash(dict(stage_settings, train_data=ses.train_split.fingerprint()))
+    result = train(nn.ModuleDict({"student": student, "kd": ses.kd}), ses.loss_fn, ses.train_set, ses.pads,
+                   TrainConfig.from_settings(dataclasses.asdict(settings)), work, evaluate=ses.evaluate,
+                   best_state=_state_cloner(student), restore_best=student.load_state_dict,
+                   fingerprint=fp, stop_after_steps=stop_after_steps, desc=f"quantize-{method}")
+    q = convert_qat(student)
+    final = ses.evaluate()
+    gor = {}
+    if settings.loss_weights == "gor":
+        wt, wk = (w.detach() for w in ses.kd.weighting.weights())
+        gor = {"gor_w_task": float(wt), "gor_w_kd": float(wk)}
+    metrics = dict(final, best_fake_quant=result.best_metrics, params=models.param_count(student),
+                   quantized_tensors=len(q), train_examples=len(ses.train_set), train_steps=result.steps,
+                   train_seconds=result.seconds, history=result.history, teacher=str(teacher_dir),
+                   loss_weights=settings.loss_weights, ensemble=settings.ensemble, runtime="torch-dequantized",
+                   kept_tokens=meta.get("kept_tokens"), **gor)
+    meta.update(loss_weights=settings.loss_weights, ensemble=settings.ensemble)
+    _seal_quantized(student, ses.tokenizer, q, out, settings=stage_settings, metrics=metrics, meta=meta, work=work)
+    log.info("quantize qat done: dev accuracy %.4f (PyTorch, dequantized weights), %.1f min -> %s",
+             final["accuracy"], result.seconds / 60, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out: Path, *, stage_settings: dict) -> Path:
+    """ONNX folder: ``model.onnx`` + config + tokenizer + ``export.json`` (runtime, kernels that run)."""
+    from .quant import onnx_quant
+
+    out, model_dir = Path(out), Path(model_dir)
+    if precision not in PRECISIONS:
+        raise DpqError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+    check_writable(out)
+    if not (model_dir / "config.json").is_file():
+        raise DpqError(f"{model_dir}: no model folder here")
+    model, tok = models.load_classifier(str(model_dir))
+    model.eval()
+    qcfg = getattr(model.config, "dpq_quant", None)
+    if precision == "int4" and not qcfg:
+        raise DpqError(f"{model_dir}: not a 4-bit model; run `dpq quantize` on it first (int4 export stores its codes)")
+    if precision == "int4" and qcfg.get("bits") != 4:
+        raise DpqError(f"{model_dir}: quantized to {qcfg.get('bits')} bits; int4 export needs a 4-bit model")
+    if precision == "int8" and qcfg:
+        raise DpqError(f"{model_dir}: already quantized; int8 export quantizes the fp32 model (give that folder)")
+    info: dict = {"precision": precision, "runtime": f"onnx-{precision}", "source": str(model_dir)}
+    with artifacts.artifact_dir(out, kind="export", settings=stage_settings) as tmp:
+        fp32 = tmp / ("model.onnx" if precision == "fp32" else "fp32.onnx.tmp")
+        export.export_onnx(model, fp32)
+        if precision == "int8":
+            # head counts are read per layer from the weights (pruned layers differ), not passed in
+            info.update(onnx_quant.int8_onnx(fp32, tmp / "model.onnx", weight_type=settings.int8_weights))
+            fp32.unlink()
+        elif precision == "int4":
+            q, _ = packed.load_qtensors(model_dir, qcfg)
+            state = model.state_dict()
+            weights = {k: (state[k], v) for k, v in q.items()}
+            info.update(onnx_quant.int4_onnx(fp32, tmp / "model.onnx", weights, accuracy_level=settings.accuracy_level),
+                        method=qcfg.get("method"))
+            fp32.unlink()
+        info["runtime_ops"] = onnx_quant.runtime_ops(tmp / "model.onnx")
+        model.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        artifacts.write_json_atomic(tmp / "export.json", info)
+    log.info("export %s done: %.2f MB -> %s", precision, measure.weights_size_mb(out), out)
+    return out
