@@ -164,3 +164,17 @@ def test_int4_file_is_at_most_a_fifth_of_fp32(capsys, tmp_path, sst2_slice):
         assert cli(capsys, "export", "--model", src, "--out", tmp_path / prec, "--precision", prec)[0] == 0
         sizes[prec] = (tmp_path / prec / "model.onnx").stat().st_size
     assert sizes["int4"] <= 0.2 * sizes["fp32"], sizes
+
+
+def test_gor_weighting_works_in_distillation_and_pruning(capsys, tmp_path, tiny_models, sst2_slice, teacher):
+    s = tmp_path / "s"
+    code, _, err = cli(capsys, "distill", "--teacher", teacher, "--student", tiny_models["student"], "--data", sst2_slice,
+                       "--out", s, "--loss-weights", "gor", *FAST)
+    assert code == 0, err
+    p = tmp_path / "p"
+    code, _, err = cli(capsys, "prune", "--model", s, "--teacher", teacher, "--data", sst2_slice, "--out", p,
+                       "--loss-weights", "gor", "--update-every", "1", *FAST)
+    assert code == 0, err
+    for folder in (s, p):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        assert rows and all("gor_w_task" in r and "gor_w_kd" in r for r in rows)

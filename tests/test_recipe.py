@@ -14,7 +14,7 @@ def write(tmp_path, text):
     return p
 
 
-@pytest.mark.parametrize("name", ["sst2.yaml", "sst2-bert.yaml"])
+@pytest.mark.parametrize("name", ["sst2.yaml", "sst2-bert.yaml", "own-data.yaml"])
 @pytest.mark.parametrize("profile", [None, "fast"])
 def test_shipped_recipes_load(name, profile):
     r = load_recipe(REPO / "recipes" / name, profile)

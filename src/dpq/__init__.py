@@ -10,4 +10,11 @@ def load_model(path):
     return _load(path)
 
 
-__all__ = ["load_model", "__version__"]
+def load(path):
+    """A model folder (PyTorch, packed 4-bit or ONNX export) with ``.predict(list_of_texts)``."""
+    from .predict import load as _load
+
+    return _load(path)
+
+
+__all__ = ["load", "load_model", "__version__"]

@@ -112,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo even if --out is complete with the same settings")
     _add_settings(p, ExportSettings, skip=("enabled", "precisions"), title="export settings")
 
+    p = sub.add_parser("report", help="report.md/json and Pareto plots of a run's evaluation")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (from `dpq run`)")
+
+    p = sub.add_parser("predict", help="label and probability for texts, from any model or exported folder")
+    p.add_argument("model", metavar="MODEL", help="model folder: PyTorch, packed 4-bit, or an ONNX export")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    p.add_argument("--file", help="UTF-8 file, one text per line")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+
     p = sub.add_parser("evaluate", help="accuracy, size, GFLOPs and latency of model folders")
     p.add_argument("models", nargs="+", metavar="DIR", help="model folders")
     p.add_argument("--json", help="also write the rows to this JSON file")
@@ -232,6 +242,31 @@ def _cmd_export(args) -> None:
                                                                   stage_settings=stage_settings), force=args.force)
 
 
+def _cmd_report(args) -> None:
+    from .report import write_report
+
+    out = write_report(Path(args.run_dir))
+    print(out / "report.md")
+
+
+def _cmd_predict(args) -> None:
+    from .predict import load, read_lines
+
+    texts = list(args.texts) + (read_lines(Path(args.file)) if args.file else [])
+    if not texts:
+        raise DpqError("nothing to classify: give texts or --file FILE")
+    if args.batch_size < 1:
+        raise DpqError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    predictor = load(args.model)
+    for text, p in zip(texts, predictor.predict(texts, batch_size=args.batch_size)):
+        if args.json:
+            print(json.dumps({"label": p.label, "probability": round(p.probability, 6), "truncated": p.truncated,
+                              "text": text[:200]}, ensure_ascii=False))
+        else:
+            shown = text[:70].replace("\n", " ").replace("\t", " ")
+            print(f"{p.label}\t{p.probability:.4f}\t{shown}{'…' if len(text) > 70 else ''}")
+
+
 def _cmd_evaluate(args) -> None:
     from . import artifacts
     from .recipe import EvaluateSettings, build
@@ -249,7 +284,8 @@ def _cmd_evaluate(args) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "teacher": _cmd_teacher, "distill": _cmd_distill, "prune": _cmd_prune,
-            "quantize": _cmd_quantize, "export": _cmd_export, "evaluate": _cmd_evaluate}
+            "quantize": _cmd_quantize, "export": _cmd_export, "evaluate": _cmd_evaluate, "report": _cmd_report,
+            "predict": _cmd_predict}
 
 
 def _quiet_libraries() -> None:

@@ -148,14 +148,20 @@ def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | N
     run_dir = Path(out) if out else Path("runs") / (recipe.name + (f"-{profile}" if profile else ""))
     pipe = Pipeline(recipe, run_dir)
     if dry_run:
-        for name, todo, why in pipe.run(dry_run=True):
-            print(f"{name:10s} {'run ' if todo else 'skip'}  {why}")
+        steps = pipe.run(dry_run=True)
+        width = max(len(name) for name, _, _ in steps)
+        for name, todo, why in steps:
+            print(f"{name:{width}s}  {'run ' if todo else 'skip'}  {why}")
         return run_dir
     check_writable(run_dir)
     run_dir.mkdir(exist_ok=True)
     _write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
     pipe.run()
-    log.info("run complete: %s (results in %s)", run_dir, run_dir / "evaluation" / "results.md")
+    from .report import write_report
+
+    report = write_report(run_dir)
+    log.info("run complete: %s", run_dir)
+    print(f"report: {report / 'report.md'}")
     return run_dir
 
 

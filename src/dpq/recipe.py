@@ -79,6 +79,8 @@ class DistillSettings(TrainSettings):
     hidden_weight: float = opt(0.0, "weight of the hidden-state MSE (through a learned projection)", min=0)
     attention_weight: float = opt(0.0, "weight of the attention-map KL (needs equal head counts)", min=0)
     layer_map: typing.Optional[list] = opt(None, "teacher layer (1-based) for each student layer; default evenly spaced")
+    loss_weights: str = opt("fixed", "task vs KD balance: fixed (alpha) or gor (two learned scalars, arXiv 2509.20854)",
+                            choices=("fixed", "gor"))
 
 
 @dataclass
@@ -106,6 +108,7 @@ class PruneSettings(TrainSettings):
     hidden_weight: float = opt(0.0, "hidden-state KD weight", min=0)
     attention_weight: float = opt(0.0, "attention-map KD weight", min=0)
     layer_map: typing.Optional[list] = opt(None, "teacher layer for each student layer")
+    loss_weights: str = opt("fixed", "task vs KD balance: fixed (alpha) or gor (learned)", choices=("fixed", "gor"))
 
 
 @dataclass

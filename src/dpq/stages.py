@@ -21,7 +21,7 @@ from torch import nn
 
 from . import artifacts, export, measure, models, prune
 from .data import TextData, encode_split
-from .distill import KDConfig, KDLoss, ensemble_logits
+from .distill import KDConfig, KDLoss, ensemble_logits, make_weighting
 from .errors import DpqError
 from .recipe import DistillSettings, EvaluateSettings, PruneSettings, TrainSettings
 from .train import TrainConfig, train
@@ -47,6 +47,17 @@ def check_writable(out: Path) -> None:
         raise DpqError(f"{out}: exists and is not a folder")
     if out.is_dir() and not os.access(out, os.W_OK):
         raise DpqError(f"{out}: output folder is not writable")
+
+
+def check_space(out: Path, model: nn.Module, copies: int = 6) -> None:
+    """Refuse to start when the output disk cannot hold the stage's files: the artifact, the best weights and
+    a checkpoint (weights + two AdamW moments) are about ``copies`` times the fp32 weights, plus slack."""
+    need = models.param_count(model) * 4 * copies + (50 << 20)
+    parent = Path(out).parent
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise DpqError(f"{parent}: {free / 1e6:.0f} MB free, this stage needs about {need / 1e6:.0f} MB "
+                       "(checkpoints and the artifact); free space or choose another --out")
 
 
 def pad_ids(tokenizer, teacher_tokenizer=None) -> dict[str, int]:
@@ -81,6 +92,7 @@ def finetune_stage(settings: TrainSettings, model_id: str, data: TextData, out: 
     out = Path(out)
     check_writable(out)
     model, tok = models.load_classifier(model_id, label_names=data.label_names)
+    check_space(out, model)
     train_split = data.split("train").subset(settings.max_train_samples, settings.seed)
     train_set = encode_split(train_split, tok, settings.max_length)
     dev_set = encode_split(data.split("dev"), tok, settings.max_length)
@@ -213,7 +225,9 @@ def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, 
     out, teacher_dir = Path(out), Path(teacher_dir)
     check_writable(out)
     kd_cfg = _kd_config(settings)
-    ses = kd_session(settings, kd_cfg, teacher_dir, settings.student, data)
+    ses = kd_session(settings, kd_cfg, teacher_dir, settings.student, data,
+                     weighting=make_weighting(settings.loss_weights, settings.alpha))
+    check_space(out, ses.student)
     student = ses.student
     work = work_dir_for(out)
     fp = artifacts.settings_hash(dict(stage_settings, train_data=ses.train_split.fingerprint()))
@@ -254,7 +268,9 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
         raise DpqError(f"{model_dir}: no finished model here (run `dpq distill` first)")
     if settings.prune_start > settings.prune_end:
         raise DpqError(f"prune.prune_start ({settings.prune_start}) must not be after prune_end ({settings.prune_end})")
-    ses = kd_session(settings, _kd_config(settings), teacher_dir, str(model_dir), data)
+    ses = kd_session(settings, _kd_config(settings), teacher_dir, str(model_dir), data,
+                     weighting=make_weighting(settings.loss_weights, settings.alpha))
+    check_space(out, ses.student)
     student = ses.student
     params_before = models.param_count(student)
     heads, ffn = prune_fractions(settings, student)

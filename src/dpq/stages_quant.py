@@ -23,7 +23,7 @@ from .quant.ptq import QuantConfig, calibration_batches, quantize_model
 from .quant.qat import QATConfig, convert_qat, prepare_qat
 from .quant.vocab import trim_vocab, used_token_ids
 from .recipe import ExportSettings, QuantizeSettings
-from .stages import _kd_config, _state_cloner, check_writable, kd_session, pad_ids, work_dir_for
+from .stages import _kd_config, _state_cloner, check_space, check_writable, kd_session, pad_ids, work_dir_for
 from .train import TrainConfig, train
 
 log = logging.getLogger("dpq")
@@ -108,6 +108,7 @@ def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, tea
     ses = kd_session(settings, _kd_config(settings), Path(teacher_dir), str(model_dir), data, weighting=weighting,
                      ensemble_with_student=settings.ensemble, prepare_student=prepare)
     student = ses.student
+    check_space(out, student)
     work = work_dir_for(out)
     fp = artifacts.settings_hash(dict(stage_settings, train_data=ses.train_split.fingerprint()))
     result = train(nn.ModuleDict({"student": student, "kd": ses.kd}), ses.loss_fn, ses.train_set, ses.pads,

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+
+from dpq import artifacts, load
+from dpq.cli import main
+from dpq.errors import DpqError
+from dpq.report import pareto, stage_of, write_report
+
+
+def cli(capsys, *args):
+    code = main([str(a) for a in args])
+    return code, *capsys.readouterr()
+
+
+def _row(name, runtime, acc, size, l1, l32):
+    return {"name": name, "runtime": runtime, "accuracy": acc, "params": 1_000_000, "size_mb": size, "gflops": 0.5,
+            "latency_ms_bs1": l1, "latency_ms_bs32": l32, "hardware": {"cpu": "test", "threads": 2}}
+
+
+def test_pareto_front():
+    rows = [_row("teacher", "torch-fp32", 0.91, 400, 50, 700), _row("a", "onnx-int8", 0.88, 20, 3, 40),
+            _row("b", "onnx-int4", 0.87, 25, 4, 50), _row("c", "onnx-int4", 0.86, 8, 4, 45)]
+    assert pareto(rows, "size_mb") == ["teacher", "a", "c"]  # b: a is more accurate and smaller
+    assert pareto(rows, "latency_ms_bs32") == ["teacher", "a"]
+
+
+def test_stage_names():
+    assert stage_of("export-int4-quantized-qat") == "quantize qat → export int4"
+    assert stage_of("export-int8-pruned") == "prune → export int8"
+
+
+def test_report_writes_table_json_and_plots(capsys, tmp_path):
+    run = tmp_path / "run"
+    (run / "evaluation").mkdir(parents=True)
+    rows = [_row("teacher", "torch-fp32", 0.91, 400, 50, 700), _row("distilled", "torch-fp32", 0.89, 90, 8, 90),
+            _row("export-int4-quantized-qat", "onnx-int4", 0.88, 7, 3, 40)]
+    (run / "evaluation" / "results.json").write_text(json.dumps(rows))
+    code, out, err = cli(capsys, "report", run)
+    assert code == 0, err
+    rep = run / "report"
+    assert artifacts.is_complete(rep) and out.strip().endswith("report.md")
+    data = json.loads((rep / "report.json").read_text())
+    last = data["rows"][-1]
+    assert last["smaller_than_teacher"] == pytest.approx(400 / 7, rel=1e-2)
+    assert last["faster_than_teacher_bs32"] == pytest.approx(700 / 40, rel=1e-2)
+    assert last["stage"] == "quantize qat → export int4"
+    md = (rep / "report.md").read_text()
+    assert "| export-int4-quantized-qat ★ |" in md and "-3.0 pt" in md
+    for f in data["figures"]:
+        assert (rep / f).stat().st_size > 1000
+
+
+def test_report_without_evaluation_is_refused(capsys, tmp_path):
+    code, _, err = cli(capsys, "report", tmp_path)
+    assert code == 2 and "evaluation/results.json" in err
+
+
+@pytest.fixture
+def exported(capsys, tmp_path, tiny_models, sst2_slice):
+    q = tmp_path / "q"
+    assert cli(capsys, "quantize", "--method", "rtn", "--model", tiny_models["student"], "--data", sst2_slice,
+               "--out", q, "--group-size", "16")[0] == 0
+    e = tmp_path / "e"
+    assert cli(capsys, "export", "--model", q, "--out", e, "--precision", "int4", "--accuracy-level", "0")[0] == 0
+    return q, e
+
+
+def test_predict_torch_and_onnx_agree_and_survive_hostile_text(exported):
+    q, e = exported
+    texts = ["a charming and moving film", "", "x" * 100_000, "bell\x07\x00 tab\t ünïcødé 🎬 \u202e", "dull " * 2000]
+    a, b = load(q).predict(texts), load(e).predict(texts)
+    assert [p.label for p in a] == [p.label for p in b]
+    assert all(abs(p.probability - r.probability) < 1e-3 and 0.5 <= p.probability <= 1 for p, r in zip(a, b))
+    assert [p.truncated for p in a] == [False, False, False, False, True]  # 100k x's are one (unknown) word
+    with pytest.raises(DpqError, match="text 2 is a int"):
+        load(q).predict(["ok", 3])
+
+
+def test_predict_cli_texts_file_and_mistakes(capsys, tmp_path, exported):
+    q, e = exported
+    code, out, err = cli(capsys, "predict", e, "great fun", "awful")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split("\t")[2] == "great fun"
+    f = tmp_path / "in.txt"
+    f.write_text("one\n\ntwo\n")
+    code, out, _ = cli(capsys, "predict", q, "--file", f, "--json")
+    assert code == 0 and [json.loads(l)["text"] for l in out.splitlines()] == ["one", "two"]
+    f.write_bytes(b"fine\n\xff\xfe bad\n")
+    code, _, err = cli(capsys, "predict", q, "--file", f)
+    assert code == 2 and "line 2 is not UTF-8" in err
+    code, _, err = cli(capsys, "predict", tmp_path / "nothing", "hi")
+    assert code == 2 and "no such model folder" in err
+    code, _, err = cli(capsys, "predict", q)
+    assert code == 2 and "nothing to classify" in err
