@@ -25,7 +25,7 @@ STUDENT = "sentence-transformers/all-MiniLM-L6-v2"
 CONFIGS = {  # name: distill overrides
     "kd-a0.5-T2": {"alpha": 0.5, "temperature": 2.0},
     "kd-a0.9-T2": {"alpha": 0.9, "temperature": 2.0},
-    "kd-a0.5-T1": {"alpha": 0.5, "temperature": 1.0},
+    "kd-gor-T2": {"loss_weights": "gor", "temperature": 2.0},
 }
 
 

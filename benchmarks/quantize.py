@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--max-train-samples", type=int, default=8000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--embedding-group-size", type=int, default=128)
     ap.add_argument("--accuracy-level", type=int, default=4)
     ap.add_argument("--only", nargs="*", help="subset of variants")
     ap.add_argument("--rounds", type=int, default=5)
@@ -63,7 +64,8 @@ def main() -> None:
         method, over = VARIANTS[name]
         seeds = [None] if method != "qat" else args.seeds if name in SEEDED else args.seeds[:1]
         for seed in seeds:
-            s = QuantizeSettings(group_size=args.group_size, max_train_samples=args.max_train_samples,
+            s = QuantizeSettings(group_size=args.group_size, embedding_group_size=args.embedding_group_size,
+                                 max_train_samples=args.max_train_samples,
                                  epochs=args.epochs, **over, **({"seed": seed} if seed is not None else {}))
             label = name + (f"-s{seed}" if seed is not None else "")
             st = dict(dataclasses.asdict(s), method=method, data=args.data, source=str(source))

@@ -79,7 +79,7 @@ def test_ptq_export_evaluate_sizes_and_runtimes(capsys, tmp_path, tiny_models, s
     assert code == 0, err
     rows = json.loads((tmp_path / "r.json").read_text())
     assert [r["runtime"] for r in rows] == ["onnx-fp32", "onnx-int8", "onnx-int4"]
-    assert rows[2]["size_mb"] < rows[1]["size_mb"] < rows[0]["size_mb"]  # tiny graphs: see the size test below
+    assert max(rows[1]["size_mb"], rows[2]["size_mb"]) < 0.5 * rows[0]["size_mb"]  # tiny graphs: see the size test below
     assert all(0 <= r["accuracy"] <= 1 and r["latency_ms_bs32"] > 0 for r in rows)
     assert rows[0]["params"] == rows[2]["params"]
 
@@ -160,10 +160,11 @@ def test_int4_file_is_at_most_a_fifth_of_fp32(capsys, tmp_path, sst2_slice):
     q = tmp_path / "q"
     assert cli(capsys, "quantize", "--method", "rtn", "--model", folder, "--data", sst2_slice, "--out", q)[0] == 0
     sizes = {}
-    for prec, src in (("fp32", folder), ("int4", q)):
+    for prec, src in (("fp32", folder), ("int8", folder), ("int4", q)):
         assert cli(capsys, "export", "--model", src, "--out", tmp_path / prec, "--precision", prec)[0] == 0
         sizes[prec] = (tmp_path / prec / "model.onnx").stat().st_size
     assert sizes["int4"] <= 0.2 * sizes["fp32"], sizes
+    assert sizes["int4"] < sizes["int8"] <= 0.3 * sizes["fp32"], sizes  # int8 quantizes the embeddings too
 
 
 def test_gor_weighting_works_in_distillation_and_pruning(capsys, tmp_path, tiny_models, sst2_slice, teacher):

@@ -110,3 +110,14 @@ def test_checkpoint_holds_no_pickle(setup, tmp_path):
         train(model, ce_loss(model), ds, pads, CFG, tmp_path / "w", stop_after_steps=4)
     names = sorted(p.name for p in (tmp_path / "w" / "checkpoint").iterdir())
     assert names == ["optimizer.safetensors", "rng.safetensors", "state.json", "weights.safetensors"]
+
+
+def test_loss_weighting_scalars_get_their_own_learning_rate(tiny_models):
+    from dpq.distill import GoRWeighting
+    from dpq.train import _param_groups
+
+    model, _ = models.load_classifier(str(tiny_models["student"]))
+    groups = _param_groups(nn.ModuleDict({"m": model, "w": GoRWeighting(lr=0.01)}), 0.01)
+    own = [g for g in groups if "lr" in g]
+    assert len(own) == 1 and own[0]["lr"] == 0.01 and len(own[0]["params"]) == 2 and own[0]["weight_decay"] == 0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())) + 2

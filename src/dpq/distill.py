@@ -107,17 +107,21 @@ class GoRWeighting(nn.Module):
 
         L = exp(-s_task)·L_task + exp(-s_kd)·L_kd + s_task + s_kd,    s_task = s_kd = 0 at the start
 
-    so the weights exp(-s) start at 1 and stay positive, and the +s terms stop both from collapsing to 0.
-    Each s is clamped to [-s_max, s_max] (weights within e^±s_max) so one term can never switch the other
-    off. The scalars are excluded from weight decay. Any module with this ``forward`` can replace it.
+    so the weights exp(-s) start at 1 and stay positive, and the +s terms stop both from collapsing to 0;
+    at the optimum each weight is 1/L of its loss, which evens out the two gradient magnitudes. Each s is
+    clamped to [-s_max, s_max] (weights within e^±s_max) so one term can never switch the other off. The
+    scalars are excluded from weight decay and train at their own learning rate ``lr`` (under the same
+    warm-up/decay schedule): at a fine-tuning rate such as 5e-5 they would move by ~0.01 in a 250-step run.
+    Any module with this ``forward`` can replace it.
     """
 
-    def __init__(self, s_max: float = 5.0):
+    def __init__(self, s_max: float = 5.0, lr: float = 1e-2):
         super().__init__()
         self.s_task = nn.Parameter(torch.zeros(()))
         self.s_kd = nn.Parameter(torch.zeros(()))
         for p in (self.s_task, self.s_kd):
             p._dpq_no_decay = True
+            p._dpq_lr = lr
         self.s_max = s_max
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:

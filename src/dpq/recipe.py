@@ -122,6 +122,8 @@ class QuantizeSettings(TrainSettings):
     symmetric: bool = opt(True, "symmetric grid (zero point fixed); --no-symmetric stores a zero point per group (PTQ only)")
     embeddings: typing.Optional[str] = opt(None, "embedding tables: 4 | 8 | none (default: the weights' bit width)",
                                            choices=(None, "4", "8", "none"))
+    embedding_group_size: typing.Optional[int] = opt(None, "group size for the embedding tables (default: group_size)",
+                                                      choices=(None, 16, 32, 64, 128))
     trim_vocab: bool = opt(False, "keep only the embedding rows of tokens the training data uses (others read as [UNK])")
     calibration_samples: int = opt(128, "training examples fed through the model to calibrate GPTQ", min=1)
     loss_weights: str = opt("fixed", "QAT: fixed (alpha) or gor (two learned scalars, arXiv 2509.20854)",
@@ -151,6 +153,7 @@ class ExportSettings:
     precisions: list = opt(["fp32", "int8", "int4"], "recipe only: fp32 and int8 export the fp32 model, int4 each quantized one")
     accuracy_level: int = opt(4, "int4 MatMulNBits: 4 = int8 activations (fast path), 0 = fp32 dequantize path",
                               choices=(0, 1, 2, 3, 4))
+    int8_embeddings: bool = opt(True, "int8: quantize the embedding tables too (uint8, per tensor; most of the file)")
     int8_weights: str = opt("auto", "int8: s8 (U8S8, reduce_range) | u8 (U8U8) | auto (chosen for this CPU)",
                             choices=("auto", "s8", "u8"))
 

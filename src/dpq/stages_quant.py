@@ -65,6 +65,7 @@ def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, tea
         raise DpqError(f"{model_dir}: already quantized; quantize the fp32 model it came from")
     emb_bits = settings.embedding_bits()
     meta = {"method": method, "bits": settings.bits, "group_size": settings.group_size, "embeddings": emb_bits,
+            "embedding_group_size": settings.embedding_group_size or settings.group_size,
             "source": str(model_dir)}
     t0 = time.time()
     if method in ("rtn", "gptq"):
@@ -80,7 +81,8 @@ def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, tea
             calib = calibration_batches(encode_split(train_split, tok, settings.max_length), pad_ids(tok),
                                         settings.calibration_samples, seed=settings.seed)
         cfg = QuantConfig(method=method, bits=settings.bits, group_size=settings.group_size,
-                          symmetric=settings.symmetric, embeddings=emb_bits)
+                          symmetric=settings.symmetric, embeddings=emb_bits,
+                          embedding_group_size=settings.embedding_group_size)
         with torch.no_grad():
             q = quantize_model(model, cfg, calib)
         after = measure.evaluate_model(model, dev, pad_ids(tok))
@@ -97,7 +99,8 @@ def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, tea
         raise DpqError("QAT needs --teacher (a finished `dpq teacher` folder) for distillation")
     if not settings.symmetric:
         raise DpqError("QAT learns symmetric step sizes (LSQ); drop --no-symmetric")
-    qcfg = QATConfig(bits=settings.bits, group_size=settings.group_size, embeddings=emb_bits, act_bits=settings.act_bits)
+    qcfg = QATConfig(bits=settings.bits, group_size=settings.group_size, embeddings=emb_bits,
+                     embedding_group_size=settings.embedding_group_size, act_bits=settings.act_bits)
     weighting = make_weighting(settings.loss_weights, settings.alpha)
 
     def prepare(m):
@@ -161,7 +164,8 @@ def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out:
         export.export_onnx(model, fp32)
         if precision == "int8":
             # head counts are read per layer from the weights (pruned layers differ), not passed in
-            info.update(onnx_quant.int8_onnx(fp32, tmp / "model.onnx", weight_type=settings.int8_weights))
+            info.update(onnx_quant.int8_onnx(fp32, tmp / "model.onnx", weight_type=settings.int8_weights,
+                                             embeddings=settings.int8_embeddings))
             fp32.unlink()
         elif precision == "int4":
             q, _ = packed.load_qtensors(model_dir, qcfg)

@@ -67,16 +67,20 @@ def set_seed(seed: int) -> None:
 
 
 def _param_groups(modules: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+    decay, no_decay, own_lr = [], [], {}
     for name, p in modules.named_parameters():
         if not p.requires_grad:
             continue
+        if getattr(p, "_dpq_lr", None):
+            # loss-weighting scalars must move within a run: at a model's learning rate they would not
+            own_lr.setdefault(p._dpq_lr, []).append(p)
         # biases, norms and loss-weighting scalars are not weights to shrink
-        if p.ndim < 2 or "norm" in name.lower() or getattr(p, "_dpq_no_decay", False):
+        elif p.ndim < 2 or "norm" in name.lower() or getattr(p, "_dpq_no_decay", False):
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + [{"params": ps, "weight_decay": 0.0, "lr": lr} for lr, ps in sorted(own_lr.items())]
 
 
 def linear_warmup_decay(total: int, warmup: int) -> Callable[[int], float]:

@@ -106,6 +106,28 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 32, symmetric
     return QTensor(codes.to(torch.uint8), scales.float(), zeros.to(torch.uint8), bits, group_size)
 
 
+FP16_TINY = 2.0**-24  # smallest positive float16: an all-zero group's scale must not round to 0
+
+
+def with_fp16_scales(w: torch.Tensor, q: QTensor) -> QTensor:
+    """The same grid with its scales rounded to float16 and the codes recomputed on them.
+
+    Embedding tables have one scale per group of every vocabulary row: fp16 halves those bytes, and the
+    ONNX gather kernel takes fp16 scales. Recomputing the codes keeps PyTorch and ONNX on one exact grid.
+    """
+    s = q.scales.half().float().clamp_min(FP16_TINY)
+    codes = quantize_with(w, s, q.zeros.float(), q.bits, q.group_size)
+    return QTensor(codes.to(torch.uint8), s, q.zeros, q.bits, q.group_size)
+
+
+def has_fp16_scales(q: QTensor) -> bool:
+    return bool(torch.equal(q.scales.half().float(), q.scales.float()))
+
+
+def is_symmetric(q: QTensor) -> bool:
+    return bool((q.zeros == 2 ** (q.bits - 1)).all())
+
+
 # ----------------------------------------------------------------------------- packing
 
 
@@ -221,4 +243,5 @@ class QATEmbedding(nn.Module):
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     def to_qtensor(self) -> QTensor:
-        return lsq_qtensor(self.weight, self.step, self.bits, self.group_size)
+        # stored with fp16 scales like every quantized table (with_fp16_scales): a ~1e-3 relative step change
+        return with_fp16_scales(self.weight.detach(), lsq_qtensor(self.weight, self.step, self.bits, self.group_size))

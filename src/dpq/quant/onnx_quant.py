@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import DpqError
-from .fake import QTensor, pack_int4
+from .fake import QTensor, has_fp16_scales, is_symmetric, pack_int4
 
 log = logging.getLogger("dpq")
 
@@ -141,13 +141,14 @@ def int4_onnx(fp32_onnx: Path, out: Path, weights: dict[str, tuple[torch.Tensor,
                                 f"(group {q.group_size})")
                     continue
                 b, s, z = _matmul_nbits_tensors(q)
-                names = [f"{tag}.q4", f"{tag}.scales", f"{tag}.zero_points"]
+                # a symmetric grid's zero point is the kernel's default (8): storing it would cost 1/8 bit a weight
+                names = [f"{tag}.q4", f"{tag}.scales"] + ([] if is_symmetric(q) else [f"{tag}.zero_points"])
                 if names[0] not in touched:
                     new_inits += [numpy_helper.from_array(a, nm) for a, nm in zip((b, s, z), names)]
                     touched.add(names[0])
                 ins = [node.input[0], *names]
                 if gemm and len(node.input) > 2 and node.input[2]:
-                    ins += ["", node.input[2]]  # no g_idx, then the bias
+                    ins += [""] * (4 - len(names)) + [node.input[2]]  # no zero points / g_idx, then the bias
                 attrs = dict(K=cols, N=rows, bits=4, block_size=q.group_size)
                 if accuracy_level:
                     attrs["accuracy_level"] = accuracy_level
@@ -159,21 +160,32 @@ def int4_onnx(fp32_onnx: Path, out: Path, weights: dict[str, tuple[torch.Tensor,
                     left.append(f"{wname}: Gather kept fp32, GatherBlockQuantized needs a power-of-2 block >= 16 "
                                 f"and an even row width (group {q.group_size}, width {cols})")
                     continue
-                names = [f"{tag}.q4", f"{tag}.scales", f"{tag}.zero_points"]
+                # fp16 scales (exact for our tables, see fake.with_fp16_scales) halve the per-group bytes; the
+                # kernel then returns fp16 rows, cast back to fp32 for the rest of the graph
+                half = has_fp16_scales(q)
+                names = [f"{tag}.q4", f"{tag}.scales"] + ([] if is_symmetric(q) else [f"{tag}.zero_points"])
                 if names[0] not in touched:
-                    arrays = (pack_int4(q.codes).numpy(), q.scales.float().numpy(), pack_int4(q.zeros).numpy())
+                    arrays = (pack_int4(q.codes).numpy(), (q.scales.half() if half else q.scales.float()).numpy(),
+                              pack_int4(q.zeros).numpy())
                     new_inits += [numpy_helper.from_array(a, nm) for a, nm in zip(arrays, names)]
                     touched.add(names[0])
-                new_nodes[id(node)] = helper.make_node(
-                    "GatherBlockQuantized", [names[0], node.input[1], names[1], names[2]], list(node.output),
+                rows_out = f"{node.output[0]}_fp16" if half else node.output[0]
+                new_nodes[id(node)] = [helper.make_node(
+                    "GatherBlockQuantized", [names[0], node.input[1], *names[1:]], [rows_out],
                     name=f"{node.name or tag}_Q4", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
-                    block_size=q.group_size, bits=4)
+                    block_size=q.group_size, bits=4)]
+                if half:
+                    new_nodes[id(node)].append(helper.make_node("Cast", [rows_out], [node.output[0]],
+                                                                name=f"{node.name or tag}_Q4_cast", to=TensorProto.FLOAT))
                 counts["gather_block_quantized"] += 1
             else:
                 how = "Gemm with transA/alpha/beta/bias it cannot express" if op == "Gemm" else f"input {idx} of {op}"
                 left.append(f"{wname}: kept fp32, used as {how}")
 
-    nodes = [new_nodes.get(id(n), n) for n in g.node]
+    nodes = []
+    for n in g.node:
+        rep = new_nodes.get(id(n), n)
+        nodes += rep if isinstance(rep, list) else [rep]
     # drop the fp32 tensors (and their Identity aliases) nothing reads any more
     while True:
         used = {x for n in nodes for x in n.input} | {o.name for o in g.output}
@@ -283,7 +295,7 @@ def _agree(a: Path, b: Path) -> bool:
 
 
 def int8_onnx(fp32_onnx: Path, out: Path, *, weight_type: str = "auto", optimize: bool = True, num_heads: int = 0,
-              hidden_size: int = 0) -> dict:
+              hidden_size: int = 0, embeddings: bool = True) -> dict:
     """Dynamic int8 (per-channel weights, activations quantized at run time) of MatMul/Attention weights.
 
     ``num_heads``/``hidden_size`` are only a fallback: each layer's heads are read from its weights, so pruned
@@ -323,12 +335,15 @@ def int8_onnx(fp32_onnx: Path, out: Path, *, weight_type: str = "auto", optimize
                 log.warning("attention fusion dropped (%s), quantizing the unfused graph", str(e).splitlines()[0][:160])
                 src, fused = Path(fp32_onnx), False
         # contrib ops from the fusion have no ONNX type inference: their outputs are fp32 in this graph
-        quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Attention"], per_channel=True,
+        # embeddings too (uint8 table, dequantized after the lookup): otherwise they are 3/4 of the int8 file
+        ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if embeddings else [])
+        quantize_dynamic(str(src), str(out), op_types_to_quantize=ops, per_channel=True,
                          reduce_range=reduce_range,
                          weight_type=QuantType.QInt8 if weight_type == "s8" else QuantType.QUInt8,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
     return {"weight_type": weight_type, "reduce_range": reduce_range, "why": why, "fused_attention": fused,
+            "embeddings_int8": embeddings,
             "ops": {k: ops.get(k, 0) for k in INT8_OPS}}
 
 

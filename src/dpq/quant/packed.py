@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import DpqError
-from .fake import QTensor, pack_int4, unpack_int4
+from .fake import QTensor, has_fp16_scales, pack_int4, unpack_int4
 
 FILE = "model.quant.safetensors"
 
@@ -35,7 +35,8 @@ def save_packed(model: torch.nn.Module, qweights: dict[str, QTensor], folder: Pa
     shapes, symmetric = {}, True
     for name, q in qweights.items():
         tensors[f"{name}.qcodes"] = _pack(q.codes, q.bits).contiguous()
-        tensors[f"{name}.scales"] = q.scales.float().contiguous()
+        # fp16 when exact (embedding tables: half the scale bytes); loads back to the same fp32 values
+        tensors[f"{name}.scales"] = (q.scales.half() if has_fp16_scales(q) else q.scales.float()).contiguous()
         half = 2 ** (q.bits - 1)
         if not bool((q.zeros == half).all()):
             tensors[f"{name}.zeros"] = _pack(q.zeros, q.bits).contiguous()
@@ -70,7 +71,7 @@ def load_qtensors(folder: Path, quant_cfg: dict) -> tuple[dict[str, QTensor], di
                  else _unpack(zeros, bits, groups))
         if tuple(codes.shape) != (rows, cols) or tuple(scales.shape) != (rows, groups):
             raise DpqError(f"{path}: {name} has shape {tuple(codes.shape)}, config.json says {(rows, cols)}")
-        q[name] = QTensor(codes, scales, zeros, bits, g)
+        q[name] = QTensor(codes, scales.float(), zeros, bits, g)
     return q, raw
 
 

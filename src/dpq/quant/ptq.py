@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DpqError
-from .fake import QTensor, check_bits, group_params, quantize_rtn, quantize_with
+from .fake import QTensor, check_bits, group_params, quantize_rtn, quantize_with, with_fp16_scales
 
 log = logging.getLogger("dpq")
 
@@ -30,13 +30,18 @@ class QuantConfig:
     group_size: int = 32
     symmetric: bool = True
     embeddings: int | None = 4  # bit width for embedding tables; None keeps them fp32
+    embedding_group_size: int | None = None  # None: group_size
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added for numerical stability
     block_size: int = 128  # GPTQ: columns processed per lazy-update block
+
+    @property
+    def emb_group(self) -> int:
+        return self.embedding_group_size or self.group_size
 
     def __post_init__(self):
         check_bits(self.bits, self.group_size)
         if self.embeddings is not None:
-            check_bits(self.embeddings, self.group_size)
+            check_bits(self.embeddings, self.emb_group)
         if self.method not in ("rtn", "gptq"):
             raise DpqError(f"quantize method must be rtn or gptq here (got {self.method!r})")
 
@@ -173,7 +178,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calibration: list[dict] |
             out[f"{n}.weight"] = q
     if cfg.embeddings is not None:
         for n, emb in embedding_targets(model).items():
-            q = quantize_rtn(emb.weight.data, cfg.embeddings, cfg.group_size, cfg.symmetric)
+            q = quantize_rtn(emb.weight.data, cfg.embeddings, cfg.emb_group, cfg.symmetric)
+            q = with_fp16_scales(emb.weight.data, q)
             emb.weight.data.copy_(q.dequantize())
             out[f"{n}.weight"] = q
     return out

@@ -23,12 +23,13 @@ class QATConfig:
     bits: int = 4
     group_size: int = 32
     embeddings: int | None = 4
+    embedding_group_size: int | None = None  # None: group_size
     act_bits: int | None = None  # 8: fake-quantize Linear inputs as dynamic int8 kernels would
 
     def __post_init__(self):
         check_bits(self.bits, self.group_size)
         if self.embeddings is not None:
-            check_bits(self.embeddings, self.group_size)
+            check_bits(self.embeddings, self.embedding_group_size or self.group_size)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -41,7 +42,7 @@ def prepare_qat(model: nn.Module, cfg: QATConfig) -> nn.Module:
         _set(model, name, QATLinear(lin, cfg.bits, cfg.group_size, cfg.act_bits))
     if cfg.embeddings is not None:
         for name, emb in embedding_targets(model).items():
-            _set(model, name, QATEmbedding(emb, cfg.embeddings, cfg.group_size))
+            _set(model, name, QATEmbedding(emb, cfg.embeddings, cfg.embedding_group_size or cfg.group_size))
     return model
 
 
