@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--embedding-group-size", type=int, default=128)
-    ap.add_argument("--accuracy-level", type=int, default=4)
+    ap.add_argument("--accuracy-level", default="auto", help="MatMulNBits accuracy level: auto (timed here), 0 or 4")
     ap.add_argument("--only", nargs="*", help="subset of variants")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)

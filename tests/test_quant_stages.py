@@ -74,6 +74,9 @@ def test_ptq_export_evaluate_sizes_and_runtimes(capsys, tmp_path, tiny_models, s
         exports[prec] = tmp_path / f"e-{prec}"
         code, _, err = cli(capsys, "export", "--model", src, "--out", exports[prec], "--precision", prec)
         assert code == 0, err
+    info = json.loads((exports["int4"] / "export.json").read_text())  # accuracy level timed here, the faster kept
+    assert info["accuracy_level"] in (0, 4) and set(info["accuracy_level_ms_bs32"]) == {"0", "4"}
+    assert info["accuracy_level_ms_bs32"][str(info["accuracy_level"])] == min(info["accuracy_level_ms_bs32"].values())
     code, out, err = cli(capsys, "evaluate", *exports.values(), "--data", sst2_slice, "--json", tmp_path / "r.json",
                          "--latency-repeats", "1", "--latency-rounds", "1", "--warmup", "0")
     assert code == 0, err

@@ -151,8 +151,8 @@ class QuantizeSettings(TrainSettings):
 class ExportSettings:
     enabled: bool = opt(True, "run the export stages")
     precisions: list = opt(["fp32", "int8", "int4"], "recipe only: fp32 and int8 export the fp32 model, int4 each quantized one")
-    accuracy_level: int = opt(4, "int4 MatMulNBits: 4 = int8 activations (fast path), 0 = fp32 dequantize path",
-                              choices=(0, 1, 2, 3, 4))
+    accuracy_level: str = opt("auto", "int4 MatMulNBits: 4 = int8 activations, 0 = fp32 dequantize path, "
+                              "auto = time both on this CPU and keep the faster", choices=("auto", "0", "1", "2", "3", "4"))
     int8_embeddings: bool = opt(True, "int8: quantize the embedding tables too (uint8, per tensor; most of the file)")
     int8_weights: str = opt("auto", "int8: s8 (U8S8, reduce_range) | u8 (U8U8) | auto (chosen for this CPU)",
                             choices=("auto", "s8", "u8"))

@@ -171,8 +171,21 @@ def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out:
             q, _ = packed.load_qtensors(model_dir, qcfg)
             state = model.state_dict()
             weights = {k: (state[k], v) for k, v in q.items()}
-            info.update(onnx_quant.int4_onnx(fp32, tmp / "model.onnx", weights, accuracy_level=settings.accuracy_level),
-                        method=qcfg.get("method"))
+            if settings.accuracy_level == "auto":
+                files = {lvl: tmp / f"a{lvl}.onnx.tmp" for lvl in (0, 4)}
+                for lvl, f in files.items():
+                    info.update(onnx_quant.int4_onnx(fp32, f, weights, accuracy_level=lvl))
+                level, times = onnx_quant.pick_accuracy_level(files)
+                files[level].rename(tmp / "model.onnx")
+                for f in files.values():
+                    f.unlink(missing_ok=True)
+                info.update(accuracy_level=level, accuracy_level_ms_bs32={str(k): round(v, 2) for k, v in times.items()})
+                log.info("int4: MatMulNBits accuracy_level %d chosen (batch 32: %s)", level,
+                         ", ".join(f"level {k} {v:.1f} ms" for k, v in times.items()))
+            else:
+                info.update(onnx_quant.int4_onnx(fp32, tmp / "model.onnx", weights,
+                                                 accuracy_level=int(settings.accuracy_level)))
+            info["method"] = qcfg.get("method")
             fp32.unlink()
         info["runtime_ops"] = onnx_quant.runtime_ops(tmp / "model.onnx")
         model.config.save_pretrained(tmp)
