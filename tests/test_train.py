@@ -121,3 +121,25 @@ def test_loss_weighting_scalars_get_their_own_learning_rate(tiny_models):
     own = [g for g in groups if "lr" in g]
     assert len(own) == 1 and own[0]["lr"] == 0.01 and len(own[0]["params"]) == 2 and own[0]["weight_decay"] == 0
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())) + 2
+
+
+def test_head_initialisation_follows_the_seed_not_the_process(tiny_models, sst2_slice, tmp_path):
+    """Two runs with the same seed give the same model even when the process used its RNG before."""
+    from dpq.recipe import TeacherSettings
+    from dpq.stages import finetune_stage
+    from safetensors.torch import load_file
+
+    from transformers import AutoModel, AutoTokenizer
+
+    base = tmp_path / "base"  # an encoder without a classification head, like the packaged models
+    AutoModel.from_pretrained(tiny_models["student"]).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_models["student"]).save_pretrained(base)
+    data = load_data(sst2_slice)
+    s = TeacherSettings(model=str(base), epochs=1, max_train_samples=32, batch_size=16)
+    outs = []
+    for i, noise in enumerate((0, 7)):
+        torch.manual_seed(noise)
+        torch.rand(100)
+        outs.append(finetune_stage(s, s.model, data, tmp_path / f"t{i}", kind="teacher", stage_settings={}))
+    a, b = (load_file(str(o / "model.safetensors")) for o in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)

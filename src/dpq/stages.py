@@ -24,7 +24,7 @@ from .data import TextData, encode_split
 from .distill import KDConfig, KDLoss, ensemble_logits, make_weighting
 from .errors import DpqError
 from .recipe import DistillSettings, EvaluateSettings, PruneSettings, TrainSettings
-from .train import TrainConfig, train
+from .train import TrainConfig, set_seed, train
 
 log = logging.getLogger("dpq")
 
@@ -91,6 +91,7 @@ def finetune_stage(settings: TrainSettings, model_id: str, data: TextData, out: 
     """Fine-tune ``model_id`` with cross-entropy (the teacher, or the no-KD student baseline)."""
     out = Path(out)
     check_writable(out)
+    set_seed(settings.seed)  # the new classification head's initialisation belongs to the seed too
     model, tok = models.load_classifier(model_id, label_names=data.label_names)
     check_space(out, model)
     train_split = data.split("train").subset(settings.max_train_samples, settings.seed)
@@ -178,6 +179,7 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
     if [str(x) for x in teacher_labels] != data.label_names:
         raise DpqError(f"{teacher_dir}: teacher classes {teacher_labels} differ from the data's {data.label_names}")
     teacher.eval().requires_grad_(False)
+    set_seed(settings.seed)  # a fresh head (or projections) must not depend on what ran before in this process
     student, s_tok = models.load_classifier(student_id, label_names=data.label_names, eager_attention=eager)
     kd = KDLoss(kd_cfg, student.config, teacher.config, weighting=weighting)
     if ensemble_with_student and kd_cfg.needs_teacher_forward:
