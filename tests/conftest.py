@@ -23,16 +23,20 @@ def _read_rows(path: Path, n: int) -> list[str]:
 
 
 def _synthetic_rows(n: int, seed: int) -> list[str]:
-    """Stand-in sentiment rows for a checkout without ../shared (the tests then still run, on made-up text)."""
+    """Stand-in sentiment rows for a checkout without ../shared (the tests then still run, on made-up text).
+
+    Shaped like the real slice: ~1 000 distinct words, 6-14 per sentence, and dev sentences (seed 1) draw on
+    words train never uses, as real dev sets do.
+    """
     import random
 
     rng = random.Random(seed)
-    good, bad = ["charming", "moving", "funny", "brilliant", "warm"], ["bleak", "dull", "tedious", "awful", "flat"]
-    fill = ["the", "film", "is", "a", "story", "and", "often", "quite", "it", "'s"]
+    good, bad = [f"good{i}" for i in range(40)], [f"bad{i}" for i in range(40)]
+    fill = [f"w{i}" for i in range(900 if seed == 0 else 1100)]
     rows = ["sentence\tlabel"]
     for _ in range(n):
         y = rng.randint(0, 1)
-        words = rng.sample(fill, 4) + [rng.choice(good if y else bad)]
+        words = rng.sample(fill, rng.randint(5, 13)) + [rng.choice(good if y else bad)]
         rng.shuffle(words)
         rows.append(" ".join(words) + f" \t{y}")
     return rows
