@@ -182,3 +182,14 @@ def test_gor_weighting_works_in_distillation_and_pruning(capsys, tmp_path, tiny_
     for folder in (s, p):
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
         assert rows and all("gor_w_task" in r and "gor_w_kd" in r for r in rows)
+
+
+def test_trim_can_keep_the_first_ids(tiny_models, sst2_slice):
+    from dpq import models
+    from dpq.data import load_data
+    from dpq.quant.vocab import used_token_ids
+
+    _, tok = models.load_classifier(str(tiny_models["student"]))
+    texts = load_data(str(sst2_slice)).split("train").texts
+    plain, more = used_token_ids(tok, texts, 64), used_token_ids(tok, texts, 64, keep_first=40)
+    assert set(range(40)) <= set(more) and set(plain) < set(more)

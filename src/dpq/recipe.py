@@ -125,6 +125,8 @@ class QuantizeSettings(TrainSettings):
     embedding_group_size: typing.Optional[int] = opt(None, "group size for the embedding tables (default: group_size)",
                                                       choices=(None, 16, 32, 64, 128))
     trim_vocab: bool = opt(False, "keep only the embedding rows of tokens the training data uses (others read as [UNK])")
+    trim_keep_first: int = opt(0, "with trim_vocab: also keep the first N token ids (the frequent words of "
+                                  "frequency-ordered vocabularies such as BERT's)", min=0)
     calibration_samples: int = opt(128, "training examples fed through the model to calibrate GPTQ", min=1)
     loss_weights: str = opt("fixed", "QAT: fixed (alpha) or gor (two learned scalars, arXiv 2509.20854)",
                             choices=("fixed", "gor"))
