@@ -49,7 +49,8 @@ def _seal_quantized(model, tok, qweights: dict[str, QTensor], out: Path, *, sett
 def _trim(model, tok, data: TextData, settings: QuantizeSettings) -> dict:
     keep = used_token_ids(tok, data.split("train").texts, settings.max_length, keep_first=settings.trim_keep_first)
     done = trim_vocab(model, keep, tok.unk_token_id)
-    log.info("vocabulary trimmed to the %d of %d tokens the training data uses", done["kept_tokens"], done["original_tokens"])
+    log.info("vocabulary trimmed to %d of %d tokens (the training data's%s)", done["kept_tokens"], done["original_tokens"],
+             f" and the first {settings.trim_keep_first} ids" if settings.trim_keep_first else "")
     return done
 
 
