@@ -285,15 +285,21 @@ def load_data(spec: str | os.PathLike, *, labels: list[str] | None = None, skip_
 # ----------------------------------------------------------------------------- batching
 
 
+def truncate_ids(ids: list[int], max_length: int) -> tuple[list[int], bool]:
+    """``ids`` cut to ``max_length`` keeping the closing special token; and whether it was cut."""
+    if len(ids) <= max_length:
+        return ids, False
+    return ids[: max_length - 1] + ids[-1:], True
+
+
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
     """Token ids without padding; returns (ids, number of texts truncated to ``max_length``)."""
     enc = tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]
     truncated = 0
     out = []
     for ids in enc:
-        if len(ids) > max_length:
-            truncated += 1
-            ids = ids[: max_length - 1] + ids[-1:]  # keep the closing special token
+        ids, cut = truncate_ids(ids, max_length)
+        truncated += cut
         out.append(ids)
     if truncated:
         log.warning("%d of %d texts longer than %d tokens were truncated", truncated, len(texts), max_length)

@@ -70,15 +70,31 @@ def ort_logits(session, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 
 def ort_predict_logits(session, ds, pad_ids: dict[str, int], batch_size: int = 64) -> torch.Tensor:
     """Logits of every example of ``ds`` from an ONNX Runtime session, in dataset order."""
-    from .data import make_loader
+    from .measure import collect_logits
 
-    parts = [(b["index"], torch.from_numpy(ort_logits(session, b["input_ids"], b["attention_mask"])))
-             for b in make_loader(ds, pad_ids, batch_size, shuffle=False)]
-    out = torch.empty(len(ds), parts[0][1].shape[-1] if parts else 0)
-    for idx, logits in parts:
-        out[idx] = logits
-    return out
+    return collect_logits(lambda ids, mask: ort_logits(session, ids, mask), ds, pad_ids, batch_size)
 
 
 def is_onnx_folder(folder: Path) -> bool:
     return (Path(folder) / "model.onnx").is_file() and (Path(folder) / "export.json").is_file()
+
+
+def load_onnx_folder(folder: Path, threads: int | None = None):
+    """(session, config, tokenizer, export info) of an exported folder; checksums verified when it has a manifest."""
+    import json
+
+    from transformers import AutoConfig
+
+    from . import artifacts, models
+
+    folder = Path(folder)
+    if artifacts.is_complete(folder):
+        artifacts.verify(folder, ["model.onnx"])
+    info = json.loads((folder / "export.json").read_text())
+    config = AutoConfig.from_pretrained(folder)
+    tokenizer = models.load_tokenizer(str(folder))
+    try:
+        session = ort_session(folder / "model.onnx", threads=threads)
+    except Exception as e:  # ORT raises its own types for a corrupt or foreign graph
+        raise DpqError(f"{folder / 'model.onnx'}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+    return session, config, tokenizer, info

@@ -20,17 +20,26 @@ from .data import EncodedSplit, make_loader
 
 
 @torch.no_grad()
+def collect_logits(forward, ds: EncodedSplit, pad_ids: dict[str, int], batch_size: int = 64,
+                   key: str = "input_ids") -> torch.Tensor:
+    """``forward(input_ids, attention_mask) -> logits`` over every example of ``ds``, in dataset order (the
+    loader groups examples by length, so its batches come out of order)."""
+    prefix = key[: -len("input_ids")]
+    out = None
+    for batch in make_loader(ds, pad_ids, batch_size, shuffle=False):
+        logits = torch.as_tensor(forward(batch[key], batch[f"{prefix}attention_mask"])).float().cpu()
+        if out is None:
+            out = torch.empty(len(ds), logits.shape[-1])
+        out[batch["index"]] = logits
+    return out if out is not None else torch.empty(0, 0)
+
+
 def predict_logits(model, ds: EncodedSplit, pad_ids: dict[str, int], batch_size: int = 64, key: str = "input_ids") -> torch.Tensor:
-    """Logits for every example of ``ds``, in dataset order."""
+    """Logits of a PyTorch model for every example of ``ds``, in dataset order."""
     model.eval()
     device = next(model.parameters()).device
-    loader = make_loader(ds, pad_ids, batch_size, shuffle=False)
-    prefix = key[: -len("input_ids")]
-    out = torch.empty(len(ds), model.config.num_labels)
-    for batch in loader:
-        logits = model(input_ids=batch[key].to(device), attention_mask=batch[f"{prefix}attention_mask"].to(device)).logits
-        out[batch["index"]] = logits.float().cpu()
-    return out
+    return collect_logits(lambda ids, mask: model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits,
+                          ds, pad_ids, batch_size, key)
 
 
 def accuracy_and_loss(logits: torch.Tensor, labels) -> dict:

@@ -184,17 +184,21 @@ def load_classifier(model_id: str, *, num_labels: int | None = None, label_names
     return model, tokenizer
 
 
-def _load_built(src: str, config, eager_attention: bool):
-    """A pruned and/or quantized model: build the original shapes, shrink them as the config records, then
-    load the weights exactly (a packed quantized checkpoint loads as its dequantized values)."""
-    from safetensors.torch import load_model as load_weights
-
+def build_classifier(config, eager_attention: bool = False):
+    """An untrained model with the shapes ``config`` records: pruned layer sizes, a trimmed vocabulary."""
     from .prune import restore_structure
     from .quant.vocab import restore_vocab
 
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager" if eager_attention else None)
-    restore_structure(model)
-    restore_vocab(model)
+    return restore_vocab(restore_structure(model))
+
+
+def _load_built(src: str, config, eager_attention: bool):
+    """A pruned and/or quantized model: build the recorded shapes, then load the weights exactly (a packed
+    quantized checkpoint loads as its dequantized values)."""
+    from safetensors.torch import load_model as load_weights
+
+    model = build_classifier(config, eager_attention)
     quant = getattr(config, "dpq_quant", None)
     if quant:
         from .quant.packed import dequantized_state

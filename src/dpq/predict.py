@@ -7,7 +7,6 @@ like any other text; anything that is not a string is refused naming its positio
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import export, models
+from .data import Collator, truncate_ids
 from .errors import DpqError
 
 log = logging.getLogger("dpq")
@@ -37,15 +37,8 @@ class Predictor:
         self.folder = folder
         self.onnx = export.is_onnx_folder(folder)
         if self.onnx:
-            from transformers import AutoConfig
-
-            self.config = AutoConfig.from_pretrained(folder)
-            self.tokenizer = models.load_tokenizer(str(folder))
-            try:
-                self.session = export.ort_session(folder / "model.onnx")
-            except Exception as e:  # ORT raises its own types for a corrupt or foreign graph
-                raise DpqError(f"{folder / 'model.onnx'}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
-            self.runtime = json.loads((folder / "export.json").read_text()).get("runtime", "onnx")
+            self.session, self.config, self.tokenizer, info = export.load_onnx_folder(folder)
+            self.runtime = info.get("runtime", "onnx")
         else:
             self.model, self.tokenizer = models.load_model(folder)
             self.config = self.model.config
@@ -53,6 +46,7 @@ class Predictor:
             self.runtime = f"torch-dequantized-int{quant['bits']}" if quant else "torch-fp32"
         self.max_length = min(512, getattr(self.config, "max_position_embeddings", 512))
         self.labels = [str(self.config.id2label[i]) for i in range(self.config.num_labels)]
+        self._collate = Collator({"input_ids": self.tokenizer.pad_token_id or 0})
 
     def _check(self, texts) -> list[str]:
         if isinstance(texts, str):
@@ -71,17 +65,17 @@ class Predictor:
         out: list[Prediction] = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
-            enc = self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True,
-                                 return_tensors="pt", return_overflowing_tokens=False, return_length=False)
-            full = self.tokenizer(chunk, truncation=False, add_special_tokens=True)["input_ids"]
+            # one tokenization, truncated by the same rule as training data (closing special token kept)
+            cut = [truncate_ids(ids, self.max_length) for ids in
+                   self.tokenizer(chunk, truncation=False, add_special_tokens=True)["input_ids"]]
+            batch = self._collate([{"input_ids": ids, "labels": 0, "index": i} for i, (ids, _) in enumerate(cut)])
             if self.onnx:
-                logits = torch.from_numpy(export.ort_logits(self.session, enc["input_ids"], enc["attention_mask"]))
+                logits = torch.from_numpy(export.ort_logits(self.session, batch["input_ids"], batch["attention_mask"]))
             else:
-                logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             probs = torch.softmax(logits.float(), -1)
             p, y = probs.max(-1)
-            out += [Prediction(self.labels[int(c)], float(q), len(f) > self.max_length)
-                    for c, q, f in zip(y, p, full)]
+            out += [Prediction(self.labels[int(c)], float(q), was_cut) for c, q, (_, was_cut) in zip(y, p, cut)]
         n = sum(p.truncated for p in out)
         if n:
             log.warning("%d of %d texts were longer than %d tokens and were truncated", n, len(out), self.max_length)

@@ -71,9 +71,9 @@ class BaselineSettings(TrainSettings):
 
 
 @dataclass
-class DistillSettings(TrainSettings):
-    student: str = opt("sentence-transformers/all-MiniLM-L6-v2", "student model: local folder, packaged id, or hub id")
-    lr: float = opt(1e-4, "peak learning rate", gt=0)
+class KDSettings(TrainSettings):
+    """The distillation losses, shared by every stage that trains against the teacher."""
+
     temperature: float = opt(2.0, "softmax temperature for the soft-label KL (loss scaled by T^2)", gt=0)
     alpha: float = opt(0.5, "weight of the soft-label KD term; 1-alpha weights cross-entropy", min=0, max=1)
     hidden_weight: float = opt(0.0, "weight of the hidden-state MSE (through a learned projection)", min=0)
@@ -84,7 +84,13 @@ class DistillSettings(TrainSettings):
 
 
 @dataclass
-class PruneSettings(TrainSettings):
+class DistillSettings(KDSettings):
+    student: str = opt("sentence-transformers/all-MiniLM-L6-v2", "student model: local folder, packaged id, or hub id")
+    lr: float = opt(1e-4, "peak learning rate", gt=0)
+
+
+@dataclass
+class PruneSettings(KDSettings):
     """Gradual structured pruning of the distilled student with KD from the teacher, then real removal."""
 
     enabled: bool = opt(True, "run the pruning stage")
@@ -103,17 +109,11 @@ class PruneSettings(TrainSettings):
     update_every: int = opt(10, "steps between mask updates (the importance window)", min=1)
     lr: float = opt(5e-5, "peak learning rate", gt=0)
     epochs: int = opt(2, "passes over the training data (pruning, then recovery)", min=1)
-    temperature: float = opt(2.0, "KD temperature", gt=0)
-    alpha: float = opt(0.5, "weight of the soft-label KD term", min=0, max=1)
-    hidden_weight: float = opt(0.0, "hidden-state KD weight", min=0)
-    attention_weight: float = opt(0.0, "attention-map KD weight", min=0)
-    layer_map: typing.Optional[list] = opt(None, "teacher layer for each student layer")
-    loss_weights: str = opt("fixed", "task vs KD balance: fixed (alpha) or gor (learned)", choices=("fixed", "gor"))
 
 
 @dataclass
-class QuantizeSettings(TrainSettings):
-    """4/8-bit weights of the pruned (or distilled) student: PTQ (rtn, gptq) and QAT with KD."""
+class QuantizeSettings(KDSettings):
+    """4/8-bit weights of the pruned (or distilled) student: PTQ (rtn, gptq) and QAT with KD (the KD settings)."""
 
     enabled: bool = opt(True, "run the quantization stages")
     methods: list = opt(["gptq", "qat"], "recipe only: one quantize stage per method (rtn | gptq | qat)")
@@ -128,17 +128,10 @@ class QuantizeSettings(TrainSettings):
     trim_keep_first: int = opt(0, "with trim_vocab: also keep the first N token ids (the frequent words of "
                                   "frequency-ordered vocabularies such as BERT's)", min=0)
     calibration_samples: int = opt(128, "training examples fed through the model to calibrate GPTQ", min=1)
-    loss_weights: str = opt("fixed", "QAT: fixed (alpha) or gor (two learned scalars, arXiv 2509.20854)",
-                            choices=("fixed", "gor"))
     ensemble: bool = opt(False, "QAT: distil from the teacher and the fp32 model together (EKD)")
     act_bits: typing.Optional[int] = opt(None, "QAT: fake-quantize linear-layer inputs to this many bits (8)", choices=(None, 8))
     lr: float = opt(5e-5, "QAT peak learning rate", gt=0)
     epochs: int = opt(1, "QAT passes over the training data", min=1)
-    temperature: float = opt(2.0, "KD temperature", gt=0)
-    alpha: float = opt(0.5, "weight of the soft-label KD term (fixed weighting)", min=0, max=1)
-    hidden_weight: float = opt(0.0, "hidden-state KD weight", min=0)
-    attention_weight: float = opt(0.0, "attention-map KD weight", min=0)
-    layer_map: typing.Optional[list] = opt(None, "teacher layer for each student layer")
 
     def __post_init__(self):
         _check_list("quantize.methods", self.methods, ("rtn", "gptq", "qat"))

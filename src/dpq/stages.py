@@ -164,12 +164,13 @@ class KDSession:
 
 def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, data: TextData, *,
                weighting: nn.Module | None = None, ensemble_with_student: bool = False,
-               prepare_student=None) -> KDSession:
+               prepare_student=None, out: Path | None = None) -> KDSession:
     """Teacher, student, encoded data and the KD loss for one stage.
 
     ``ensemble_with_student``: distil from the average of the teacher and the student as loaded (EKD; the
-    fp32 model a QAT run starts from). ``prepare_student(model)`` transforms the student before training
-    (QAT swaps in fake-quantized modules).
+    fp32 model a QAT run starts from). ``prepare_student(model, tokenizer)`` transforms the student before
+    training (QAT swaps in fake-quantized modules). ``out``: the stage's output, checked for disk space as soon
+    as the student's size is known, before any teacher logits are computed.
     """
     if not artifacts.is_complete(teacher_dir):
         raise DpqError(f"{teacher_dir}: no finished teacher here (run `dpq teacher` first)")
@@ -181,6 +182,8 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
     teacher.eval().requires_grad_(False)
     set_seed(settings.seed)  # a fresh head (or projections) must not depend on what ran before in this process
     student, s_tok = models.load_classifier(student_id, label_names=data.label_names, eager_attention=eager)
+    if out is not None:
+        check_space(out, student)
     kd = KDLoss(kd_cfg, student.config, teacher.config, weighting=weighting)
     if ensemble_with_student and kd_cfg.needs_teacher_forward:
         raise DpqError("ensemble distillation uses logits only; set hidden_weight and attention_weight to 0")
@@ -197,7 +200,7 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
                                     settings.max_length, key="input_ids")
         cached = ensemble_logits([cached, own], kd_cfg.temperature)
     if prepare_student is not None:
-        prepare_student(student)
+        prepare_student(student, s_tok)
     want_h, want_a = kd_cfg.hidden_weight > 0, kd_cfg.attention_weight > 0
 
     def loss_fn(batch):
@@ -228,8 +231,7 @@ def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, 
     check_writable(out)
     kd_cfg = _kd_config(settings)
     ses = kd_session(settings, kd_cfg, teacher_dir, settings.student, data,
-                     weighting=make_weighting(settings.loss_weights, settings.alpha))
-    check_space(out, ses.student)
+                     weighting=make_weighting(settings.loss_weights, settings.alpha), out=out)
     student = ses.student
     work = work_dir_for(out)
     fp = artifacts.settings_hash(dict(stage_settings, train_data=ses.train_split.fingerprint()))
@@ -271,8 +273,7 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
     if settings.prune_start > settings.prune_end:
         raise DpqError(f"prune.prune_start ({settings.prune_start}) must not be after prune_end ({settings.prune_end})")
     ses = kd_session(settings, _kd_config(settings), teacher_dir, str(model_dir), data,
-                     weighting=make_weighting(settings.loss_weights, settings.alpha))
-    check_space(out, ses.student)
+                     weighting=make_weighting(settings.loss_weights, settings.alpha), out=out)
     student = ses.student
     params_before = models.param_count(student)
     heads, ffn = prune_fractions(settings, student)
@@ -338,21 +339,8 @@ def _evaluate_torch(d: Path, split, settings: EvaluateSettings) -> tuple[dict, d
 
 def _evaluate_onnx(d: Path, split, settings: EvaluateSettings) -> tuple[dict, dict]:
     """An exported folder runs in ONNX Runtime: its accuracy is the exported file's own."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    info = json.loads((d / "export.json").read_text())
-    if artifacts.is_complete(d):
-        artifacts.verify(d, ["model.onnx"])
-    config = AutoConfig.from_pretrained(d)
-    config.dpq_quant = None
-    from .quant.vocab import restore_vocab
-
-    skeleton = restore_vocab(prune.restore_structure(AutoModelForSequenceClassification.from_config(config))).eval()
-    tok = models.load_tokenizer(str(d))
-    try:
-        session = export.ort_session(d / "model.onnx", threads=torch.get_num_threads())
-    except Exception as e:  # ORT's own exceptions: a foreign or corrupt graph
-        raise DpqError(f"{d / 'model.onnx'}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+    session, config, tok, info = export.load_onnx_folder(d, threads=torch.get_num_threads())
+    skeleton = models.build_classifier(config).eval()  # parameter and FLOP counts of the same structure
     ds = encode_split(split, tok, min(512, getattr(config, "max_position_embeddings", 512)))
     logits = export.ort_predict_logits(session, ds, pad_ids(tok))
     if logits.shape[-1] != config.num_labels:

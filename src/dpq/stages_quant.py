@@ -23,7 +23,7 @@ from .quant.ptq import QuantConfig, calibration_batches, quantize_model
 from .quant.qat import QATConfig, convert_qat, prepare_qat
 from .quant.vocab import trim_vocab, used_token_ids
 from .recipe import ExportSettings, QuantizeSettings
-from .stages import _kd_config, _state_cloner, check_space, check_writable, kd_session, pad_ids, work_dir_for
+from .stages import _kd_config, _state_cloner, check_writable, kd_session, pad_ids, work_dir_for
 from .train import TrainConfig, train
 
 log = logging.getLogger("dpq")
@@ -104,15 +104,14 @@ def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, tea
                      embedding_group_size=settings.embedding_group_size, act_bits=settings.act_bits)
     weighting = make_weighting(settings.loss_weights, settings.alpha)
 
-    def prepare(m):
+    def prepare(m, tok):
         if settings.trim_vocab:
-            meta.update(_trim(m, models.load_tokenizer(str(model_dir)), data, settings))
+            meta.update(_trim(m, tok, data, settings))
         prepare_qat(m, qcfg)
 
     ses = kd_session(settings, _kd_config(settings), Path(teacher_dir), str(model_dir), data, weighting=weighting,
-                     ensemble_with_student=settings.ensemble, prepare_student=prepare)
+                     ensemble_with_student=settings.ensemble, prepare_student=prepare, out=out)
     student = ses.student
-    check_space(out, student)
     work = work_dir_for(out)
     fp = artifacts.settings_hash(dict(stage_settings, train_data=ses.train_split.fingerprint()))
     result = train(nn.ModuleDict({"student": student, "kd": ses.kd}), ses.loss_fn, ses.train_set, ses.pads,
@@ -174,8 +173,8 @@ def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out:
             weights = {k: (state[k], v) for k, v in q.items()}
             if settings.accuracy_level == "auto":
                 files = {lvl: tmp / f"a{lvl}.onnx.tmp" for lvl in (0, 4)}
-                for lvl, f in files.items():
-                    info.update(onnx_quant.int4_onnx(fp32, f, weights, accuracy_level=lvl))
+                info.update(onnx_quant.int4_onnx(fp32, files[0], weights, accuracy_level=0))
+                onnx_quant.with_accuracy_level(files[0], files[4], 4)  # same weights: rewrite only the attribute
                 level, times = onnx_quant.pick_accuracy_level(files)
                 files[level].rename(tmp / "model.onnx")
                 for f in files.values():

@@ -186,7 +186,7 @@ def fake_quant_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     qmax = 2**bits - 1
     scale = ((hi - lo) / qmax).clamp_min(1e-8)
     zero = torch.round(-lo / scale)
-    return (_round_ste(torch.clamp(_round_ste(x / scale) + zero, 0, qmax)) - zero) * scale
+    return (torch.clamp(_round_ste(x / scale) + zero, 0, qmax) - zero) * scale
 
 
 class QATLinear(nn.Module):

@@ -257,6 +257,21 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
+    """A copy of an int4 file whose MatMulNBits nodes run at ``level`` (the weights are the same bytes)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept + ([helper.make_attribute("accuracy_level", level)] if level else []))
+    onnx.save(model, str(dst))
+    return Path(dst)
+
+
 def pick_accuracy_level(files: dict[int, Path], *, seq: int = 32, batch: int = 32) -> tuple[int, dict[int, float]]:
     """The MatMulNBits accuracy level whose file runs fastest here (median ms at batch x seq, interleaved).
 

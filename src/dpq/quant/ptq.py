@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DpqError
-from .fake import QTensor, check_bits, group_params, quantize_rtn, quantize_with, with_fp16_scales
+from .fake import QTensor, check_bits, group_params, quantize_rtn, with_fp16_scales
 
 log = logging.getLogger("dpq")
 
@@ -183,14 +183,3 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calibration: list[dict] |
             emb.weight.data.copy_(q.dequantize())
             out[f"{n}.weight"] = q
     return out
-
-
-def weight_error(before: dict[str, torch.Tensor], after: dict[str, QTensor]) -> float:
-    """Relative Frobenius error of all quantized weights together (a quick sanity figure for the log)."""
-    num = sum(float(((before[k] - q.dequantize()) ** 2).sum()) for k, q in after.items())
-    den = sum(float((before[k] ** 2).sum()) for k in after)
-    return (num / max(den, 1e-30)) ** 0.5
-
-
-__all__ = ["QuantConfig", "quantize_model", "gptq_quantize", "calibration_batches", "linear_targets",
-           "embedding_targets", "quantize_with"]
