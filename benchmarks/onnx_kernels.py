@@ -5,7 +5,8 @@
 
 int8: dynamic quantization of the attention-fused graph with U8S8 (with and without reduce_range), per-tensor
 U8S8, U8U8, and with the embeddings left fp32. int4 (the --int4 folder's own codes): MatMulNBits at
-accuracy level 0 and 4, on the plain and on the attention-fused (MultiHeadAttention) graph. Every file is
+accuracy level 0 and 4, on the plain and on the attention-fused (MultiHeadAttention) graph, and the same codes
+expanded to int8 kernels when the session loads (``onnx_int4_int8``). Every file is
 timed round-robin in this process (2 threads, batch 1 and 32 x 25 tokens, median of 8 x 5 runs after warm-up)
 and its dev accuracy measured.
 """
@@ -24,6 +25,7 @@ from onnxruntime.transformers.optimizer import optimize_model
 from dpq import export, measure, models
 from dpq.data import encode_split, load_data
 from dpq.quant import onnx_quant, packed
+from dpq.quant.onnx_int4_int8 import int4_int8_kernels_onnx
 
 INT8 = [("int8 U8S8 reduce_range", QuantType.QInt8, True, True, True), ("int8 U8S8", QuantType.QInt8, False, True, True),
         ("int8 U8S8 per-tensor", QuantType.QInt8, False, False, True), ("int8 U8U8", QuantType.QUInt8, False, True, True),
@@ -61,6 +63,9 @@ def main() -> None:
                 out = tmp / f"{len(files)}.onnx"
                 onnx_quant.int4_onnx(tmp / "q32.onnx", out, weights, accuracy_level=level, fuse=fuse)
                 files[f"int4 level {level}{' fused attention' if fuse else ''}"] = out
+        out = tmp / f"{len(files)}.onnx"
+        int4_int8_kernels_onnx(tmp / "q32.onnx", out, weights)
+        files["int4 codes on int8 kernels"] = out
     ds = encode_split(load_data(args.data).split("dev"), tok, 128)
     fns, acc = [], {}
     for name, f in files.items():

@@ -188,3 +188,76 @@ def test_int8_falls_back_to_the_unfused_graph_when_fusion_fails(tiny_models, tmp
     fp32 = export.export_onnx(model.eval(), tmp_path / "fp32.onnx")
     report = int8_onnx(fp32, tmp_path / "int8.onnx", weight_type="u8")
     assert report["fused_attention"] is False and report["ops"]["MatMulInteger"] == 2 * 6 + 2
+
+
+@pytest.mark.parametrize("weight_type", ["s8", "u8"])
+@pytest.mark.parametrize("case", ["student-g16", "pruned-g24", "ffn40-asym"])
+def test_int4_codes_on_int8_kernels_reproduce_the_int8_file(tiny_models, ffn40, tmp_path, case, weight_type):
+    """4-bit on disk, expanded to int8 at load: the same logits as the int8 file of the same 4-bit model,
+    nothing of the unpacking left at run time, and the file as small as the MatMulNBits one."""
+    from dpq.quant.onnx_int4_int8 import int4_int8_kernels_onnx
+
+    torch.manual_seed(0)
+    model, _ = models.load_classifier(str(ffn40 if case.startswith("ffn40") else tiny_models["student"]))
+    model.eval()
+    if case.startswith("pruned"):  # uneven heads per layer: QAttention weights of different widths
+        masks = HeadFfnMasks.install(model)
+        masks.update(magnitude_scores(model), PruneConfig(heads=0.5, ffn=0.5, allocation="layer-adaptive"))
+        assert len({len(k) for k in remove_masked(model, masks)["kept_heads"]}) > 1
+    group = 24 if case.endswith("g24") else GROUP  # 24: no MatMulNBits block, the int8 path takes any group
+    weights = {}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if (isinstance(mod, torch.nn.Linear) and "classifier" not in name) or name.endswith("word_embeddings"):
+                q = quantize_rtn(mod.weight, 4, group_size=GROUP if "embeddings" in name else group,
+                                 symmetric=not case.endswith("asym"))
+                mod.weight.copy_(q.dequantize())
+                weights[f"{name}.weight"] = (mod.weight.detach().clone(), q)
+    fp32 = export.export_onnx(model, tmp_path / "fp32.onnx")
+    report = int4_int8_kernels_onnx(fp32, tmp_path / "w4.onnx", weights, weight_type=weight_type)
+    assert report["int4_stored_int8_run"] == 2 * 6 + 1 and report["gather_block_quantized"] == 1  # + the pooler
+    assert report["fused_attention"] is True and report["weight_type"] == weight_type
+    assert report["left"] == ["model.classifier.weight_Transposed: stays int8, no 4-bit weight equals it"]
+
+    ops = runtime_ops(tmp_path / "w4.onnx")
+    assert ops.get("QAttention") == 2 and ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulInteger", 0) > 0
+    assert not {"BitShift", "Round", "Transpose"} & set(ops)  # the unpacking ran once, at session creation
+
+    int8_onnx(fp32, tmp_path / "int8.onnx", weight_type=weight_type, embeddings=False, fuse_embeddings=False)
+    w4, i8 = export.ort_session(tmp_path / "w4.onnx"), export.ort_session(tmp_path / "int8.onnx")
+    for shape in [(1, 5), (4, 23)]:
+        ids, mask = _inputs(model.config.vocab_size, shape)
+        out = export.ort_logits(w4, ids, mask)
+        np.testing.assert_allclose(out, export.ort_logits(i8, ids, mask), rtol=0, atol=1e-6)  # same int8 weights
+        ref = _ref(model, ids, mask)
+        assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()  # int8 activations, as in the int8 test
+
+    fp32_bytes = sum(4 * w.numel() for w, _ in weights.values())
+    q_bytes = sum(_packed_bytes(q, "embeddings" in k) for k, (_, q) in weights.items())
+    extra = (tmp_path / "w4.onnx").stat().st_size - (fp32.stat().st_size - fp32_bytes)
+    channels = sum(w.shape[0] for k, (w, _) in weights.items() if "embeddings" not in k)
+    # codes + scales, the int8 per-channel fp32 scale and zero point, and ~300 unpacking nodes (measured 38-52 KB
+    # against 47-51 KB of codes and scales; the real pruned MiniLM file is 6.5 MB against 7.8 MB for MatMulNBits)
+    assert extra <= q_bytes + 5 * channels + 16 * 1024, (extra, q_bytes)
+    assert (tmp_path / "w4.onnx").stat().st_size < 0.7 * (tmp_path / "int8.onnx").stat().st_size
+
+
+def test_int4_on_int8_kernels_keeps_int8_what_it_cannot_match(tiny_models, tmp_path):
+    from dpq.quant.onnx_int4_int8 import int4_int8_kernels_onnx
+
+    torch.manual_seed(0)
+    model, _ = models.load_classifier(str(tiny_models["student"]))
+    model.eval()
+    weights = _quantize(model)
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    w, q = weights[query]
+    weights[query] = (w + 1e-3, q)  # not the model's weight any more: its codes must not replace it
+    fp32 = export.export_onnx(model, tmp_path / "fp32.onnx")
+    report = int4_int8_kernels_onnx(fp32, tmp_path / "w4.onnx", weights)
+    assert report["int4_stored_int8_run"] == 2 * 6 + 1 - 3  # layer 0's fused Q|K|V stays int8 as a whole
+    assert sum("stays int8, no 4-bit weight" in x for x in report["left"]) == 2  # that and the classifier
+    assert f"{query}: not stored in 4 bits" in report["left"]
+    ids, mask = _inputs(model.config.vocab_size)
+    ref = _ref(model, ids, mask)
+    out = export.ort_logits(export.ort_session(tmp_path / "w4.onnx"), ids, mask)
+    assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,7 +47,8 @@ def test_qat_trains_logs_and_exports_int4_that_matches(capsys, tmp_path, tiny_mo
     model, _ = load_model(q)  # packed file reloads in PyTorch
 
     e = tmp_path / "e4"
-    code, _, err = cli(capsys, "export", "--model", q, "--out", e, "--precision", "int4", "--accuracy-level", "0")
+    code, _, err = cli(capsys, "export", "--model", q, "--out", e, "--precision", "int4", "--int4-kernels", "nbits",
+                         "--accuracy-level", "0")
     assert code == 0, err
     info = json.loads((e / "export.json").read_text())
     assert info["runtime"] == "onnx-int4" and info["runtime_ops"].get("MatMulNBits", 0) > 0
@@ -74,9 +76,16 @@ def test_ptq_export_evaluate_sizes_and_runtimes(capsys, tmp_path, tiny_models, s
         exports[prec] = tmp_path / f"e-{prec}"
         code, _, err = cli(capsys, "export", "--model", src, "--out", exports[prec], "--precision", prec)
         assert code == 0, err
-    info = json.loads((exports["int4"] / "export.json").read_text())  # accuracy level timed here, the faster kept
-    assert info["accuracy_level"] in (0, 4) and set(info["accuracy_level_ms_bs32"]) == {"0", "4"}
-    assert info["accuracy_level_ms_bs32"][str(info["accuracy_level"])] == min(info["accuracy_level_ms_bs32"].values())
+    info = json.loads((exports["int4"] / "export.json").read_text())  # kernels timed here, the fastest kept
+    times = info["int4_candidates_ms"]
+    assert set(times) == {"nbits-level0", "nbits-level4", "int8"} and all(set(t) == {"bs1", "bs32"} for t in times.values())
+    geo = {k: np.log(list(t.values())).mean() for k, t in times.items()}
+    assert info["int4_kernels"] == min(geo, key=geo.get)
+    ops = info["runtime_ops"]
+    if info["int4_kernels"] == "int8":
+        assert info["accuracy_level"] is None and ops.get("QAttention") and not ops.get("MatMulNBits")
+    else:
+        assert info["accuracy_level"] == int(info["int4_kernels"][-1]) and ops.get("MatMulNBits")
     code, out, err = cli(capsys, "evaluate", *exports.values(), "--data", sst2_slice, "--json", tmp_path / "r.json",
                          "--latency-repeats", "1", "--latency-rounds", "1", "--warmup", "0")
     assert code == 0, err
@@ -149,7 +158,8 @@ def test_trimmed_vocabulary_gives_the_same_logits_on_seen_tokens(capsys, tmp_pat
         assert torch.equal(b(input_ids=unseen).logits, b(input_ids=as_unk).logits)
         assert not torch.equal(a(input_ids=unseen).logits, a(input_ids=as_unk).logits)
     e = tmp_path / "e"
-    assert cli(capsys, "export", "--model", trim, "--out", e, "--precision", "int4", "--accuracy-level", "0")[0] == 0
+    assert cli(capsys, "export", "--model", trim, "--out", e, "--precision", "int4", "--int4-kernels", "nbits",
+                         "--accuracy-level", "0")[0] == 0
     got = export.ort_logits(export.ort_session(e / "model.onnx"), seen["input_ids"], seen["attention_mask"])
     assert abs(got - b(**seen).logits.detach().numpy()).max() < 1e-3  # the graph remaps ids itself
 

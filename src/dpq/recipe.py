@@ -146,6 +146,9 @@ class QuantizeSettings(KDSettings):
 class ExportSettings:
     enabled: bool = opt(True, "run the export stages")
     precisions: list = opt(["fp32", "int8", "int4"], "recipe only: fp32 and int8 export the fp32 model, int4 each quantized one")
+    int4_kernels: str = opt("auto", "int4: nbits = MatMulNBits, int8 = the 4-bit codes expanded to int8 kernels when "
+                            "the session loads (same file size), auto = time both on this CPU and keep the faster",
+                            choices=("auto", "nbits", "int8"))
     accuracy_level: str = opt("auto", "int4 MatMulNBits: 4 = int8 activations, 0 = fp32 dequantize path, "
                               "auto = time both on this CPU and keep the faster", choices=("auto", "0", "1", "2", "3", "4"))
     int8_embeddings: bool = opt(True, "int8: quantize the embedding tables too (uint8, per tensor; most of the file)")

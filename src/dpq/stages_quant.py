@@ -139,6 +139,35 @@ def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, tea
 # ----------------------------------------------------------------------------- export
 
 
+def _int4_file(settings: ExportSettings, fp32: Path, tmp: Path, weights: dict) -> dict:
+    """Writes ``tmp/model.onnx``: the int4 candidates the settings allow (MatMulNBits at each accuracy level, and
+    the same codes on int8 kernels), timed here when there are several; the fastest is kept."""
+    from .quant import onnx_quant
+    from .quant.onnx_int4_int8 import int4_int8_kernels_onnx
+
+    files, infos = {}, {}
+    if settings.int4_kernels in ("auto", "nbits"):
+        levels = (0, 4) if settings.accuracy_level == "auto" else (int(settings.accuracy_level),)
+        first = tmp / f"nbits-level{levels[0]}.onnx.tmp"
+        made = onnx_quant.int4_onnx(fp32, first, weights, accuracy_level=levels[0])
+        for lvl in levels:  # same weights: other levels rewrite only the attribute
+            key = f"nbits-level{lvl}"
+            files[key] = first if lvl == levels[0] else onnx_quant.with_accuracy_level(first, tmp / f"{key}.onnx.tmp", lvl)
+            infos[key] = dict(made, kernels="MatMulNBits", accuracy_level=lvl)
+    if settings.int4_kernels in ("auto", "int8"):
+        files["int8"] = tmp / "int8-kernels.onnx.tmp"
+        infos["int8"] = int4_int8_kernels_onnx(fp32, files["int8"], weights, weight_type=settings.int8_weights)
+    best, times = next(iter(files)), {}
+    if len(files) > 1:
+        best, times = onnx_quant.pick_fastest(files)
+        log.info("int4: %s kernels chosen (%s)", best, "; ".join(
+            f"{k} " + ", ".join(f"{b} {ms:.1f} ms" for b, ms in t.items()) for k, t in times.items()))
+    files[best].rename(tmp / "model.onnx")
+    for f in files.values():
+        f.unlink(missing_ok=True)
+    return dict(infos[best], int4_kernels=best, int4_candidates_ms=times)
+
+
 def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out: Path, *, stage_settings: dict) -> Path:
     """ONNX folder: ``model.onnx`` + config + tokenizer + ``export.json`` (runtime, kernels that run)."""
     from .quant import onnx_quant
@@ -170,21 +199,7 @@ def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out:
         elif precision == "int4":
             q, _ = packed.load_qtensors(model_dir, qcfg)
             state = model.state_dict()
-            weights = {k: (state[k], v) for k, v in q.items()}
-            if settings.accuracy_level == "auto":
-                files = {lvl: tmp / f"a{lvl}.onnx.tmp" for lvl in (0, 4)}
-                info.update(onnx_quant.int4_onnx(fp32, files[0], weights, accuracy_level=0))
-                onnx_quant.with_accuracy_level(files[0], files[4], 4)  # same weights: rewrite only the attribute
-                level, times = onnx_quant.pick_accuracy_level(files)
-                files[level].rename(tmp / "model.onnx")
-                for f in files.values():
-                    f.unlink(missing_ok=True)
-                info.update(accuracy_level=level, accuracy_level_ms_bs32={str(k): round(v, 2) for k, v in times.items()})
-                log.info("int4: MatMulNBits accuracy_level %d chosen (batch 32: %s)", level,
-                         ", ".join(f"level {k} {v:.1f} ms" for k, v in times.items()))
-            else:
-                info.update(onnx_quant.int4_onnx(fp32, tmp / "model.onnx", weights,
-                                                 accuracy_level=int(settings.accuracy_level)))
+            info.update(_int4_file(settings, fp32, tmp, {k: (state[k], v) for k, v in q.items()}))
             info["method"] = qcfg.get("method")
             fp32.unlink()
         info["runtime_ops"] = onnx_quant.runtime_ops(tmp / "model.onnx")

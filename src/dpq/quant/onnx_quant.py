@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -272,21 +273,28 @@ def with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
     return Path(dst)
 
 
-def pick_accuracy_level(files: dict[int, Path], *, seq: int = 32, batch: int = 32) -> tuple[int, dict[int, float]]:
-    """The MatMulNBits accuracy level whose file runs fastest here (median ms at batch x seq, interleaved).
+def pick_fastest(files: dict[str, Path], *, seq: int = 32, batches: tuple[int, ...] = (1, 32)
+                 ) -> tuple[str, dict[str, dict[str, float]]]:
+    """The file that runs fastest here: median ms at each batch x seq (interleaved, so load hits all alike), ranked
+    by the geometric mean over the batch sizes.
 
-    Level 4 quantizes activations to int8 inside the kernel, level 0 dequantizes the weights to fp32; which
-    is faster depends on the CPU (ORT #23004): measured, not assumed.
+    Which int4 kernel wins depends on the CPU (ORT #23004): MatMulNBits level 4 quantizes activations to int8
+    inside the kernel, level 0 dequantizes the weights to fp32, and the int8-kernel file runs
+    DynamicQuantizeMatMul/QAttention on codes expanded at load. Measured, not assumed.
     """
     from .. import export, measure
 
-    sessions = {lvl: export.ort_session(f, threads=torch.get_num_threads()) for lvl, f in files.items()}
-    ids = torch.randint(5, 100, (batch, seq))
-    mask = torch.ones_like(ids)
-    fns = [{"ms": (lambda s=s: export.ort_logits(s, ids, mask))} for s in sessions.values()]
-    ms = [r["ms"] for r in measure.interleaved_latency_ms(fns, rounds=4, repeats=3, warmup=2)]
-    times = dict(zip(sessions, ms))
-    return min(times, key=times.get), times
+    sessions = {k: export.ort_session(f, threads=torch.get_num_threads()) for k, f in files.items()}
+    times: dict[str, dict[str, float]] = {k: {} for k in sessions}
+    for bs in batches:
+        ids = torch.randint(5, 100, (bs, seq))
+        mask = torch.ones_like(ids)
+        fns = [{"ms": (lambda s=s: export.ort_logits(s, ids, mask))} for s in sessions.values()]
+        rows = measure.interleaved_latency_ms(fns, rounds=4, repeats=3 if bs > 8 else 10, warmup=2)
+        for k, r in zip(sessions, rows):
+            times[k][f"bs{bs}"] = round(r["ms"], 3)
+    score = {k: float(np.mean(np.log(list(t.values())))) for k, t in times.items()}
+    return min(score, key=score.get), times
 
 
 def auto_weight_type() -> tuple[str, str]:
@@ -364,11 +372,14 @@ def _agree(a: Path, b: Path) -> bool:
 
 
 def int8_onnx(fp32_onnx: Path, out: Path, *, weight_type: str = "auto", optimize: bool = True, num_heads: int = 0,
-              hidden_size: int = 0, embeddings: bool = True) -> dict:
+              hidden_size: int = 0, embeddings: bool = True, fuse_embeddings: bool = True,
+              keep_source: Path | None = None) -> dict:
     """Dynamic int8 (per-channel weights, activations quantized at run time) of MatMul/Attention weights.
 
     ``num_heads``/``hidden_size`` are only a fallback: each layer's heads are read from its weights, so pruned
     layers with different head counts fuse too. A fused graph that does not reproduce the fp32 logits is dropped.
+    ``fuse_embeddings=False`` keeps the embedding lookups as Gathers; ``keep_source`` receives a copy of the fp32
+    graph that was quantized (its initializer ``X`` became ``X_quantized``).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -393,8 +404,12 @@ def int8_onnx(fp32_onnx: Path, out: Path, *, weight_type: str = "auto", optimize
                 _explicit_heads(model)
                 onnx.save(model, str(Path(tmp) / "heads.onnx"))
                 # level 1 only: level 2 adds CPU-specific fusions (FusedMatMul, ...) the quantizer cannot handle
+                from onnxruntime.transformers.fusion_options import FusionOptions
+
+                opts = FusionOptions("bert")
+                opts.enable_embed_layer_norm = fuse_embeddings
                 opt = optimize_model(str(Path(tmp) / "heads.onnx"), model_type="bert", num_heads=num_heads,
-                                     hidden_size=hidden_size, opt_level=1, use_gpu=False)
+                                     hidden_size=hidden_size, opt_level=1, use_gpu=False, optimization_options=opts)
                 fused_path = Path(tmp) / "fused.onnx"
                 opt.save_model_to_file(str(fused_path))
                 if not _agree(src, fused_path):
@@ -411,6 +426,8 @@ def int8_onnx(fp32_onnx: Path, out: Path, *, weight_type: str = "auto", optimize
                          reduce_range=reduce_range,
                          weight_type=QuantType.QInt8 if weight_type == "s8" else QuantType.QUInt8,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        if keep_source is not None:
+            shutil.copyfile(src, keep_source)
     ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
     return {"weight_type": weight_type, "reduce_range": reduce_range, "why": why, "fused_attention": fused,
             "embeddings_int8": embeddings,
