@@ -6,7 +6,8 @@
 int8: dynamic quantization of the attention-fused graph with U8S8 (with and without reduce_range), per-tensor
 U8S8, U8U8, and with the embeddings left fp32. int4 (the --int4 folder's own codes): MatMulNBits at
 accuracy level 0 and 4, on the plain and on the attention-fused (MultiHeadAttention) graph, and the same codes
-expanded to int8 kernels when the session loads (``onnx_int4_int8``). Every file is
+expanded to int8 kernels when the session loads (``onnx_int4_int8``). Files in which ORT fuses Add + LayerNorm into
+SkipLayerNormalization are also timed with that fusion switched off. Every file is
 timed round-robin in this process (2 threads, batch 1 and 32 x 25 tokens, median of 8 x 5 runs after warm-up)
 and its dev accuracy measured.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import onnx
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
 
 from dpq import export, measure, models
@@ -44,8 +46,10 @@ def main() -> None:
     g = onnx.load(str(files["fp32"]))
     onnx_quant._explicit_heads(g)
     onnx.save(g, str(tmp / "heads.onnx"))
+    fusion = FusionOptions("bert")
+    fusion.enable_skip_layer_norm = False  # as dpq's int8 export: the session decides (see onnx_quant.SLOW_FUSIONS)
     optimize_model(str(tmp / "heads.onnx"), model_type="bert", num_heads=0, hidden_size=0, opt_level=1,
-                   use_gpu=False).save_model_to_file(str(tmp / "fused.onnx"))
+                   use_gpu=False, optimization_options=fusion).save_model_to_file(str(tmp / "fused.onnx"))
     for name, wt, rr, per_channel, emb in INT8:
         ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if emb else [])
         out = tmp / f"{len(files)}.onnx"
@@ -67,9 +71,13 @@ def main() -> None:
         int4_int8_kernels_onnx(tmp / "q32.onnx", out, weights)
         files["int4 codes on int8 kernels"] = out
     ds = encode_split(load_data(args.data).split("dev"), tok, 128)
-    fns, acc = [], {}
+    runs = {}  # each file as ORT loads it by default, and without the fusions dpq's export may switch off
     for name, f in files.items():
-        s = export.ort_session(f, threads=torch.get_num_threads())
+        for off in onnx_quant.session_variants(f):
+            runs[name + (" (SkipLayerNorm fusion off)" if off else "")] = (f, off)
+    fns, acc = [], {}
+    for name, (f, off) in runs.items():
+        s = export.ort_session(f, threads=torch.get_num_threads(), disabled_optimizers=off)
         logits = export.ort_predict_logits(s, ds, {"input_ids": tok.pad_token_id or 0})
         acc[name] = (logits.argmax(-1) == torch.tensor(ds.labels)).float().mean().item()
         t = {}
@@ -79,8 +87,8 @@ def main() -> None:
         fns.append(t)
     res = measure.interleaved_latency_ms(fns, rounds=8, repeats=5, warmup=5)
     print("| file | dev acc | size MB | bs1 ms | bs32 ms | bs32 × vs fp32 |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, r in zip(files, res):
-        print(f"| {name} | {acc[name]:.4f} | {files[name].stat().st_size / 1e6:.2f} | {r['bs1']:.2f} | {r['bs32']:.1f} | "
+    for name, r in zip(runs, res):
+        print(f"| {name} | {acc[name]:.4f} | {runs[name][0].stat().st_size / 1e6:.2f} | {r['bs1']:.2f} | {r['bs32']:.1f} | "
               f"{res[0]['bs32'] / r['bs32']:.2f} |")
     print(f"\nhardware: {measure.hardware()}")
 

@@ -261,3 +261,36 @@ def test_int4_on_int8_kernels_keeps_int8_what_it_cannot_match(tiny_models, tmp_p
     ref = _ref(model, ids, mask)
     out = export.ort_logits(export.ort_session(tmp_path / "w4.onnx"), ids, mask)
     assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def test_int8_can_run_without_the_skip_layer_norm_fusion(tiny_models, tmp_path, monkeypatch):
+    """The int8 file keeps Add + LayerNormalization; ORT fuses them into SkipLayerNormalization at load unless the
+    session disables that fusion. Both give the same logits; the export times both and records its choice, and
+    every dpq session on the folder honours it."""
+    from dpq.quant.onnx_quant import SLOW_FUSIONS, session_variants
+
+    model, _ = models.load_classifier(str(tiny_models["student"]))
+    fp32 = export.export_onnx(model.eval(), tmp_path / "fp32.onnx")
+    int8_onnx(fp32, tmp_path / "int8.onnx", weight_type="s8")
+    assert not any(n.op_type == "SkipLayerNormalization" for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node)
+    fused, plain = runtime_ops(tmp_path / "int8.onnx"), runtime_ops(tmp_path / "int8.onnx", SLOW_FUSIONS)
+    assert fused.get("SkipLayerNormalization") == 4 and not plain.get("SkipLayerNormalization")
+    assert plain["LayerNormalization"] == fused.get("LayerNormalization", 0) + 4 and plain.get("QAttention") == 2
+    assert session_variants(tmp_path / "int8.onnx") == [(), SLOW_FUSIONS]
+    assert session_variants(fp32) == [()]  # nothing to gain where ORT does not fuse it
+    ids, mask = _inputs(model.config.vocab_size)
+    a = export.ort_logits(export.ort_session(tmp_path / "int8.onnx"), ids, mask)
+    b = export.ort_logits(export.ort_session(tmp_path / "int8.onnx", disabled_optimizers=SLOW_FUSIONS), ids, mask)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+    seen = []
+    real = export.ort_session
+    monkeypatch.setattr(export, "ort_session", lambda *a, **k: seen.append(k) or real(*a, **k))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes((tmp_path / "int8.onnx").read_bytes())
+    (folder / "export.json").write_text('{"runtime": "onnx-int8", "ort_disabled_optimizers": ["SkipLayerNormFusion"]}')
+    model.config.save_pretrained(folder)
+    models.load_tokenizer(str(tiny_models["student"])).save_pretrained(folder)
+    export.load_onnx_folder(folder)
+    assert seen[-1]["disabled_optimizers"] == ["SkipLayerNormFusion"]

@@ -53,14 +53,17 @@ def export_onnx(model, path: Path, *, opset: int = 17) -> Path:
     return path
 
 
-def ort_session(path: Path, threads: int | None = None):
+def ort_session(path: Path, threads: int | None = None, disabled_optimizers: list[str] | tuple[str, ...] = ()):
+    """All graph optimizations but ``disabled_optimizers`` (an export records the ones it measured to be slower
+    here in ``export.json``: ``ort_disabled_optimizers``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], **extra)
 
 
 def ort_logits(session, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
@@ -94,7 +97,8 @@ def load_onnx_folder(folder: Path, threads: int | None = None):
     config = AutoConfig.from_pretrained(folder)
     tokenizer = models.load_tokenizer(str(folder))
     try:
-        session = ort_session(folder / "model.onnx", threads=threads)
+        session = ort_session(folder / "model.onnx", threads=threads,
+                              disabled_optimizers=info.get("ort_disabled_optimizers", ()))
     except Exception as e:  # ORT raises its own types for a corrupt or foreign graph
         raise DpqError(f"{folder / 'model.onnx'}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
     return session, config, tokenizer, info

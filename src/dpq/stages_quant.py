@@ -139,9 +139,9 @@ def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, tea
 # ----------------------------------------------------------------------------- export
 
 
-def _int4_file(settings: ExportSettings, fp32: Path, tmp: Path, weights: dict) -> dict:
-    """Writes ``tmp/model.onnx``: the int4 candidates the settings allow (MatMulNBits at each accuracy level, and
-    the same codes on int8 kernels), timed here when there are several; the fastest is kept."""
+def _int4_files(settings: ExportSettings, fp32: Path, tmp: Path, weights: dict) -> tuple[dict, dict]:
+    """The int4 candidates the settings allow: MatMulNBits at each accuracy level, and the same codes on int8
+    kernels. ({kind: file}, {kind: what its builder reported})."""
     from .quant import onnx_quant
     from .quant.onnx_int4_int8 import int4_int8_kernels_onnx
 
@@ -157,15 +157,31 @@ def _int4_file(settings: ExportSettings, fp32: Path, tmp: Path, weights: dict) -
     if settings.int4_kernels in ("auto", "int8"):
         files["int8"] = tmp / "int8-kernels.onnx.tmp"
         infos["int8"] = int4_int8_kernels_onnx(fp32, files["int8"], weights, weight_type=settings.int8_weights)
-    best, times = next(iter(files)), {}
-    if len(files) > 1:
-        best, times = onnx_quant.pick_fastest(files)
-        log.info("int4: %s kernels chosen (%s)", best, "; ".join(
+    return files, infos
+
+
+def _keep_fastest(files: dict[str, Path], final: Path) -> tuple[str, tuple[str, ...], dict]:
+    """Times every file under each ORT optimizer set worth trying (``onnx_quant.session_variants``) when there is
+    more than one candidate, moves the fastest file to ``final`` and deletes the others.
+    (its key, the ORT optimizers to disable with it, the timings)."""
+    from .quant import onnx_quant
+
+    cands = {}
+    for key, f in files.items():
+        for off in onnx_quant.session_variants(f):
+            cands[key + "".join(f" -{o}" for o in off)] = (key, f, off)
+    best, times = next(iter(cands)), {}
+    if len(cands) > 1:
+        best, times = onnx_quant.pick_fastest({k: (f, off) for k, (_, f, off) in cands.items()})
+        log.info("export: %s chosen (%s)", best, "; ".join(
             f"{k} " + ", ".join(f"{b} {ms:.1f} ms" for b, ms in t.items()) for k, t in times.items()))
-    files[best].rename(tmp / "model.onnx")
-    for f in files.values():
-        f.unlink(missing_ok=True)
-    return dict(infos[best], int4_kernels=best, int4_candidates_ms=times)
+    key, f, off = cands[best]
+    if f != final:
+        f.rename(final)
+    for other in files.values():
+        if other != f:
+            other.unlink(missing_ok=True)
+    return key, off, times
 
 
 def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out: Path, *, stage_settings: dict) -> Path:
@@ -191,18 +207,23 @@ def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out:
     with artifacts.artifact_dir(out, kind="export", settings=stage_settings) as tmp:
         fp32 = tmp / ("model.onnx" if precision == "fp32" else "fp32.onnx.tmp")
         export.export_onnx(model, fp32)
+        files, infos = {precision: fp32}, {precision: {}}
         if precision == "int8":
             # head counts are read per layer from the weights (pruned layers differ), not passed in
-            info.update(onnx_quant.int8_onnx(fp32, tmp / "model.onnx", weight_type=settings.int8_weights,
-                                             embeddings=settings.int8_embeddings))
-            fp32.unlink()
+            files = {"int8": tmp / "int8.onnx.tmp"}
+            infos = {"int8": onnx_quant.int8_onnx(fp32, files["int8"], weight_type=settings.int8_weights,
+                                                  embeddings=settings.int8_embeddings)}
         elif precision == "int4":
             q, _ = packed.load_qtensors(model_dir, qcfg)
             state = model.state_dict()
-            info.update(_int4_file(settings, fp32, tmp, {k: (state[k], v) for k, v in q.items()}))
-            info["method"] = qcfg.get("method")
+            files, infos = _int4_files(settings, fp32, tmp, {k: (state[k], v) for k, v in q.items()})
+        key, off, times = _keep_fastest(files, tmp / "model.onnx")
+        info.update(infos[key], ort_disabled_optimizers=list(off), candidates_ms=times)
+        if precision == "int4":
+            info.update(int4_kernels=key, method=qcfg.get("method"))
+        if precision != "fp32":
             fp32.unlink()
-        info["runtime_ops"] = onnx_quant.runtime_ops(tmp / "model.onnx")
+        info["runtime_ops"] = onnx_quant.runtime_ops(tmp / "model.onnx", off)
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         artifacts.write_json_atomic(tmp / "export.json", info)

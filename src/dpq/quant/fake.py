@@ -107,15 +107,30 @@ def quantize_rtn(w: torch.Tensor, bits: int = 4, group_size: int = 32, symmetric
 
 
 FP16_TINY = 2.0**-24  # smallest positive float16: an all-zero group's scale must not round to 0
+FP16_MAX = 65504.0
+
+
+def fp16_grid(scales: torch.Tensor) -> torch.Tensor:
+    """Scales rounded to the nearest float16 value (kept as they are where float16 would overflow), never 0.
+
+    Every quantizer stores its scales this way: one scale per group is 1 bit a weight in fp32 and 0.5 in
+    fp16, at a relative step change below 5e-4."""
+    s = scales.float()
+    return torch.where(s.abs() < FP16_MAX, s.half().float(), s).clamp_min(FP16_TINY)
+
+
+def fp16_step_ste(step: torch.Tensor) -> torch.Tensor:
+    """``fp16_grid(step)`` in the forward pass, the identity in the backward one (LSQ keeps learning in fp32)."""
+    return step + (fp16_grid(step.detach()) - step.detach())
 
 
 def with_fp16_scales(w: torch.Tensor, q: QTensor) -> QTensor:
     """The same grid with its scales rounded to float16 and the codes recomputed on them.
 
-    Embedding tables have one scale per group of every vocabulary row: fp16 halves those bytes, and the
-    ONNX gather kernel takes fp16 scales. Recomputing the codes keeps PyTorch and ONNX on one exact grid.
+    fp16 halves the scale bytes (and the ONNX gather kernel takes fp16 scales); recomputing the codes keeps
+    PyTorch and ONNX on one exact grid.
     """
-    s = q.scales.half().float().clamp_min(FP16_TINY)
+    s = fp16_grid(q.scales)
     codes = quantize_with(w, s, q.zeros.float(), q.bits, q.group_size)
     return QTensor(codes.to(torch.uint8), s, q.zeros, q.bits, q.group_size)
 
@@ -174,7 +189,7 @@ def lsq_fake_quant(w: torch.Tensor, step: torch.Tensor, bits: int, group_size: i
 @torch.no_grad()
 def lsq_qtensor(w: torch.Tensor, step: torch.Tensor, bits: int, group_size: int) -> QTensor:
     """The integer codes an LSQ-quantized weight stands for (exactly what ``lsq_fake_quant`` computes with)."""
-    step = step.clamp_min(1e-8).float()
+    step = fp16_grid(step.clamp_min(1e-8))  # the grid the forward pass trained on (fp16_step_ste)
     zeros = torch.full_like(step, 2 ** (bits - 1))
     codes = quantize_with(w, step, zeros, bits, group_size)
     return QTensor(codes.to(torch.uint8), step.clone(), zeros.to(torch.uint8), bits, group_size)
@@ -204,7 +219,7 @@ class QATLinear(nn.Module):
         self.step._dpq_no_decay = True  # a step size is not a weight to shrink
 
     def quantized_weight(self) -> torch.Tensor:
-        return lsq_fake_quant(self.weight, self.step.clamp_min(1e-8), self.bits, self.group_size)
+        return lsq_fake_quant(self.weight, fp16_step_ste(self.step.clamp_min(1e-8)), self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits:
@@ -239,9 +254,9 @@ class QATEmbedding(nn.Module):
             ids = self.remap[ids].long()
         # only the looked-up rows are quantized: the full table would cost a vocabulary-sized op per step
         flat = ids.reshape(-1)
-        rows = lsq_fake_quant(self.weight[flat], self.step.clamp_min(1e-8)[flat], self.bits, self.group_size)
+        rows = lsq_fake_quant(self.weight[flat], fp16_step_ste(self.step.clamp_min(1e-8))[flat], self.bits,
+                              self.group_size)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     def to_qtensor(self) -> QTensor:
-        # stored with fp16 scales like every quantized table (with_fp16_scales): a ~1e-3 relative step change
-        return with_fp16_scales(self.weight.detach(), lsq_qtensor(self.weight, self.step, self.bits, self.group_size))
+        return lsq_qtensor(self.weight, self.step, self.bits, self.group_size)

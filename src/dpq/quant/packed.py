@@ -35,7 +35,7 @@ def save_packed(model: torch.nn.Module, qweights: dict[str, QTensor], folder: Pa
     shapes, symmetric = {}, True
     for name, q in qweights.items():
         tensors[f"{name}.qcodes"] = _pack(q.codes, q.bits).contiguous()
-        # fp16 when exact (embedding tables: half the scale bytes); loads back to the same fp32 values
+        # fp16 when exact (every dpq quantizer rounds its scales to fp16: fake.fp16_grid); loads back to the same fp32
         tensors[f"{name}.scales"] = (q.scales.half() if has_fp16_scales(q) else q.scales.float()).contiguous()
         half = 2 ** (q.bits - 1)
         if not bool((q.zeros == half).all()):

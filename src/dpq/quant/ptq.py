@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DpqError
-from .fake import QTensor, check_bits, group_params, quantize_rtn, with_fp16_scales
+from .fake import QTensor, check_bits, fp16_grid, group_params, quantize_rtn, with_fp16_scales
 
 log = logging.getLogger("dpq")
 
@@ -94,6 +94,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
             if col % group_size == 0:
                 g = col // group_size
                 s, z = group_params(W1[:, i:i + group_size], bits, group_size, symmetric)
+                s = fp16_grid(s)  # stored as fp16 (see fake.fp16_grid): GPTQ compensates on the stored grid
                 scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
             g = col // group_size
             s, z = scales[:, g], zeros[:, g]
@@ -173,7 +174,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calibration: list[dict] |
     else:
         out = {}
         for n, lin in linears.items():
-            q = quantize_rtn(lin.weight.data, cfg.bits, cfg.group_size, cfg.symmetric)
+            q = with_fp16_scales(lin.weight.data, quantize_rtn(lin.weight.data, cfg.bits, cfg.group_size, cfg.symmetric))
             lin.weight.data.copy_(q.dequantize())
             out[f"{n}.weight"] = q
     if cfg.embeddings is not None:
