@@ -1,8 +1,10 @@
 """4-bit quantization of the pruned (or distilled) student, every accuracy measured on the exported ONNX file.
 
     python benchmarks/quantize.py --run runs/sst2-fast --data ../shared/data/sst2 [--source pruned] [--seeds 42 43 44]
+        [--out RUN/bench-quant]
 
-Phase 1 makes each variant with dpq's own stages into RUN/bench-quant/NAME (finished ones are skipped):
+Phase 1 makes each variant with dpq's own stages into OUT/NAME (finished ones are skipped, whatever code made
+them: give a new --out to measure new code):
 int4 RTN, int4 GPTQ, int4 QAT+KD with fixed weights, with GoR, and EKD-GoR (teacher + fp32 student), the QAT
 ones once per seed; then exports fp32 and int8 ONNX of the source and int4 ONNX of every quantized model.
 Phase 2 is one ``dpq evaluate`` over every ONNX folder in this process: accuracy by ONNX Runtime on the dev
@@ -51,13 +53,16 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--embedding-group-size", type=int, default=128)
     ap.add_argument("--accuracy-level", default="auto", help="MatMulNBits accuracy level: auto (timed here), 0 or 4")
+    ap.add_argument("--int4-kernels", default="auto", help="int4 file: auto (timed here), nbits or int8")
+    ap.add_argument("--out", help="folder for the variants and their exports (default: RUN/bench-quant)")
     ap.add_argument("--only", nargs="*", help="subset of variants")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="dpq: %(message)s")
-    run, bench = Path(args.run), Path(args.run) / "bench-quant"
+    run = Path(args.run)
+    bench = Path(args.out) if args.out else run / "bench-quant"
     source = run / args.source
     data = load_data(args.data)
 
@@ -76,7 +81,7 @@ def main() -> None:
                 s, method, source, run / "teacher", data, out, stage_settings=st))
             made.append((label, out, seed))
 
-    es = ExportSettings(accuracy_level=args.accuracy_level)
+    es = ExportSettings(accuracy_level=args.accuracy_level, int4_kernels=args.int4_kernels)
     onnx_dirs = []
     for prec, label, src in [("fp32", "fp32", source), ("int8", "int8", source)] + [("int4", l, d) for l, d, _ in made]:
         out = bench / f"onnx-{label}"

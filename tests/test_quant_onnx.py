@@ -101,11 +101,15 @@ def test_int4_runs_our_codes(tiny_models, ffn40, tmp_path, which, accuracy_level
         assert q_bytes <= 0.2 * fp32_bytes  # 4-bit codes + fp32 scale per 16: 0.78 bytes a weight
 
 
-def test_int4_leaves_what_it_cannot_express_fp32(tiny_models, tmp_path):
+def _quantized_student(tiny_models):
     torch.manual_seed(0)
     model, _ = models.load_classifier(str(tiny_models["student"]))
     model.eval()
-    weights = _quantize(model)
+    return model, _quantize(model)
+
+
+def test_int4_leaves_what_it_cannot_express_fp32(tiny_models, tmp_path):
+    model, weights = _quantized_student(tiny_models)
     query = "bert.encoder.layer.0.attention.self.query.weight"
     w = model.bert.encoder.layer[0].attention.self.query.weight
     with torch.no_grad():
@@ -245,10 +249,7 @@ def test_int4_codes_on_int8_kernels_reproduce_the_int8_file(tiny_models, ffn40, 
 def test_int4_on_int8_kernels_keeps_int8_what_it_cannot_match(tiny_models, tmp_path):
     from dpq.quant.onnx_int4_int8 import int4_int8_kernels_onnx
 
-    torch.manual_seed(0)
-    model, _ = models.load_classifier(str(tiny_models["student"]))
-    model.eval()
-    weights = _quantize(model)
+    model, weights = _quantized_student(tiny_models)
     query = "bert.encoder.layer.0.attention.self.query.weight"
     w, q = weights[query]
     weights[query] = (w + 1e-3, q)  # not the model's weight any more: its codes must not replace it
