@@ -58,3 +58,20 @@ def test_altered_and_missing_files_named(tmp_path):
     (out / "c.json").unlink()
     with pytest.raises(DpqError, match="c.json: listed in manifest.json but missing"):
         artifacts.verify(out, ["c.json"])
+
+
+def test_sealed_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path / "a"
+    with artifacts.artifact_dir(out, kind="k") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))  # safetensors writes 0600
+        (tmp / "private.bin").write_bytes(b"x")
+        os.chmod(tmp / "private.bin", 0o600)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "private.bin", "manifest.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name

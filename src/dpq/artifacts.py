@@ -80,6 +80,9 @@ def artifact_dir(final: Path, *, kind: str, settings: dict | None = None) -> Ite
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        for p in tmp.rglob("*"):  # some writers (safetensors) create 0600 files; an artifact is meant to be shared
+            if p.is_file():
+                os.chmod(p, 0o666 & ~_umask())
         files = {
             str(p.relative_to(tmp)): sha256_file(p)
             for p in sorted(tmp.rglob("*"))
