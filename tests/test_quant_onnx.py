@@ -241,7 +241,7 @@ def test_int4_codes_on_int8_kernels_reproduce_the_int8_file(tiny_models, ffn40, 
     extra = (tmp_path / "w4.onnx").stat().st_size - (fp32.stat().st_size - fp32_bytes)
     channels = sum(w.shape[0] for k, (w, _) in weights.items() if "embeddings" not in k)
     # codes + scales, the int8 per-channel fp32 scale and zero point, and ~300 unpacking nodes (measured 38-52 KB
-    # against 47-51 KB of codes and scales; the real pruned MiniLM file is 6.5 MB against 7.8 MB for MatMulNBits)
+    # against 47-51 KB of codes and scales)
     assert extra <= q_bytes + 5 * channels + 16 * 1024, (extra, q_bytes)
     assert (tmp_path / "w4.onnx").stat().st_size < 0.7 * (tmp_path / "int8.onnx").stat().st_size
 

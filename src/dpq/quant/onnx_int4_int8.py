@@ -1,11 +1,12 @@
 """A 4-bit ONNX file that runs on int8 kernels: 4-bit on disk, int8 speed in ONNX Runtime.
 
 Why: on CPUs like this project's (AVX-512 VNNI), ``MatMulNBits`` is never faster than fp32 (ORT #23004; figures
-in ``benchmarks/onnx_kernels.py``), while dynamic int8 (``DynamicQuantizeMatMul`` / ``QAttention``) is 1.4-1.8x
-faster than fp32 but twice the size. This file stores each weight as its packed 4-bit codes and group scales,
-plus a small constant subgraph (BitwiseAnd/BitShift unpack, scale, re-grid onto the int8 per-channel grid) that
-turns them into the int8 tensor the int8 kernels read. Every input of that subgraph is an initializer, so ORT's
-constant folding runs it once when the session is created; ``runtime_ops`` shows none of it is left at run time.
+in ``benchmarks/onnx_kernels.py``), while dynamic int8 (``DynamicQuantizeMatMul`` / ``QAttention``) is about 2x
+faster than fp32 on the pruned student (BENCHMARKS.md, issue 4) but twice the size. This file stores each weight
+as its packed 4-bit codes and group scales, plus a small constant subgraph (BitShift/Sub unpack, scale, re-grid
+onto the int8 per-channel grid) that turns them into the int8 tensor the int8 kernels read. Every input of that
+subgraph is an initializer, so ORT's constant folding runs it once when the session is created; ``runtime_ops``
+shows none of it is left at run time.
 
 The int8 codes are the ones ``quantize_dynamic`` derives from the dequantized 4-bit weights, reproduced
 exactly (the export checks it), so this file computes the same logits as the int8 file of the 4-bit model.
@@ -24,8 +25,6 @@ from .fake import QTensor, has_fp16_scales, is_symmetric, pack_int4
 from .onnx_quant import _int4_onnx, _key, int8_onnx
 
 log = logging.getLogger("dpq")
-
-UNPACK_OPS = ("BitShift",)  # present at run time only if constant folding did not run
 
 
 class _Builder:
@@ -55,23 +54,28 @@ class _Builder:
             self._consts[key] = nm
         return nm
 
-    def op(self, op_type: str, inputs: list[str], stem: str, out: str | None = None, **attrs) -> str:
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
         from onnx import helper
 
         out = out or self.name("")  # intermediate names are never read: a counter keeps them short
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
 
-    def unpack(self, packed: str, rows: int, n: int, stem: str) -> str:
-        """uint8 [rows, n/2] (two 4-bit codes a byte, even index low) -> uint8 [rows, n]."""
+    def first_cols(self, x: str, n: int) -> str:
+        """x[:, :n]."""
+        ints = [self.const("i", np.array([v], np.int64)) for v in (0, n, 1)]
+        return self.op("Slice", [x, *ints])
+
+    def unpack(self, packed: str, rows: int, n: int) -> str:
+        """uint8 [rows, ceil(n/2)] (two 4-bit codes a byte, even index low, as ``pack_int4``) -> uint8 [rows, n]."""
         # BitShift and Sub only (opset 11): BitwiseAnd would need opset 18, which changes other ops' signatures
         four = self.const("s4", np.array(4, np.uint8))
-        hi = self.op("BitShift", [packed, four], f"{stem}_hi", direction="RIGHT")
-        lo = self.op("Sub", [packed, self.op("BitShift", [hi, four], f"{stem}_hi4", direction="LEFT")], f"{stem}_lo")
+        hi = self.op("BitShift", [packed, four], direction="RIGHT")
+        lo = self.op("Sub", [packed, self.op("BitShift", [hi, four], direction="LEFT")])
         axes = self.const("ax", np.array([-1], np.int64))
-        pair = self.op("Concat", [self.op("Unsqueeze", [lo, axes], f"{stem}_lo3"),
-                                  self.op("Unsqueeze", [hi, axes], f"{stem}_hi3")], f"{stem}_pair", axis=-1)
-        return self.op("Reshape", [pair, self.const("shape", np.array([rows, n], np.int64))], f"{stem}_codes")
+        pair = self.op("Concat", [self.op("Unsqueeze", [lo, axes]), self.op("Unsqueeze", [hi, axes])], axis=-1)
+        out = self.op("Reshape", [pair, self.const("shape", np.array([rows, n + n % 2], np.int64))])
+        return self.first_cols(out, n) if n % 2 else out
 
 
 def _dequantized_block(b: _Builder, q: QTensor, stem: str) -> str:
@@ -81,38 +85,26 @@ def _dequantized_block(b: _Builder, q: QTensor, stem: str) -> str:
     rows, cols = q.shape
     gs = q.group_size
     groups = q.scales.shape[1]
-    width = groups * gs + (groups * gs) % 2  # pad to whole groups (and an even count, two codes a byte)
     codes = q.codes.to(torch.uint8)
-    if width != cols:
-        codes = torch.cat([codes, q.zeros[:, -1:].to(torch.uint8).expand(rows, width - cols)], dim=1)
-    c = b.unpack(b.const(f"{stem}_q4", pack_int4(codes).numpy()), rows, width, stem)
-    if width != groups * gs:
-        c = b.op("Slice", [c, b.const("z", np.array([0], np.int64)), b.const("e", np.array([groups * gs], np.int64)),
-                           b.const("a", np.array([1], np.int64))], f"{stem}_whole")
-    c = b.op("Reshape", [c, b.const("shape", np.array([rows, groups, gs], np.int64))], f"{stem}_grouped")
-    c = b.op("Cast", [c], f"{stem}_f", to=TensorProto.FLOAT)
+    if groups * gs != cols:  # pad to whole groups with the zero code: padded weights are exact zeros
+        codes = torch.cat([codes, q.zeros[:, -1:].to(torch.uint8).expand(rows, groups * gs - cols)], dim=1)
+    c = b.unpack(b.const(f"{stem}_q4", pack_int4(codes).numpy()), rows, groups * gs)
+    c = b.op("Reshape", [c, b.const("shape", np.array([rows, groups, gs], np.int64))])
+    c = b.op("Cast", [c], to=TensorProto.FLOAT)
     if is_symmetric(q):
         zero = b.const("zero", np.array(2 ** (q.bits - 1), np.float32))
     else:
-        z = b.unpack(b.const(f"{stem}_zeros", pack_int4(q.zeros.to(torch.uint8)).numpy()), rows,
-                     groups + groups % 2, f"{stem}_z")
-        if groups % 2:
-            z = b.op("Slice", [z, b.const("z", np.array([0], np.int64)), b.const("e", np.array([groups], np.int64)),
-                               b.const("a", np.array([1], np.int64))], f"{stem}_zs")
-        z = b.op("Cast", [z], f"{stem}_zf", to=TensorProto.FLOAT)
-        zero = b.op("Unsqueeze", [z, b.const("ax", np.array([-1], np.int64))], f"{stem}_z3")
+        z = b.unpack(b.const(f"{stem}_zeros", pack_int4(q.zeros.to(torch.uint8)).numpy()), rows, groups)
+        z = b.op("Cast", [z], to=TensorProto.FLOAT)
+        zero = b.op("Unsqueeze", [z, b.const("ax", np.array([-1], np.int64))])
     # fp16 scales are exact for most grids (see fake.with_fp16_scales) and halve the per-group bytes
     if has_fp16_scales(q):
-        scale = b.op("Cast", [b.const(f"{stem}_scales", q.scales.half().numpy()[..., None])], f"{stem}_s32",
-                     to=TensorProto.FLOAT)
+        scale = b.op("Cast", [b.const(f"{stem}_scales", q.scales.half().numpy()[..., None])], to=TensorProto.FLOAT)
     else:
         scale = b.const(f"{stem}_scales", q.scales.float().numpy()[..., None])
-    w = b.op("Mul", [b.op("Sub", [c, zero], f"{stem}_centered"), scale], f"{stem}_w3")
-    w = b.op("Reshape", [w, b.const("shape", np.array([rows, groups * gs], np.int64))], f"{stem}_w2")
-    if groups * gs != cols:
-        w = b.op("Slice", [w, b.const("z", np.array([0], np.int64)), b.const("e", np.array([cols], np.int64)),
-                           b.const("a", np.array([1], np.int64))], f"{stem}_w")
-    return w
+    w = b.op("Mul", [b.op("Sub", [c, zero]), scale])
+    w = b.op("Reshape", [w, b.const("shape", np.array([rows, groups * gs], np.int64))])
+    return b.first_cols(w, cols) if groups * gs != cols else w
 
 
 def _int8_codes(b: _Builder, blocks: list[tuple[str, QTensor]], scale: str, zero_point: np.ndarray, out: str) -> None:
@@ -120,15 +112,14 @@ def _int8_codes(b: _Builder, blocks: list[tuple[str, QTensor]], scale: str, zero
     from onnx import TensorProto
 
     ws = [_dequantized_block(b, q, name.replace("/", ".").replace(".", "_")) for name, q in blocks]
-    w = ws[0] if len(ws) == 1 else b.op("Concat", ws, "rows", axis=0)
-    w = b.op("Transpose", [w], "wt", perm=[1, 0])
-    r = b.op("Round", [b.op("Div", [w, scale], "ws")], "wr")
-    r = b.op("Add", [r, b.const("zp", zero_point.astype(np.float32))], "wz")
+    w = ws[0] if len(ws) == 1 else b.op("Concat", ws, axis=0)
+    w = b.op("Transpose", [w], perm=[1, 0])
+    r = b.op("Round", [b.op("Div", [w, scale])])
+    r = b.op("Add", [r, b.const("zp", zero_point.astype(np.float32))])
     info = np.iinfo(zero_point.dtype)
-    r = b.op("Clip", [r, b.const("lo", np.array(info.min, np.float32)), b.const("hi", np.array(info.max, np.float32))],
-             "wc")
+    r = b.op("Clip", [r, b.const("lo", np.array(info.min, np.float32)), b.const("hi", np.array(info.max, np.float32))])
     to = TensorProto.INT8 if zero_point.dtype == np.int8 else TensorProto.UINT8
-    b.op("Cast", [r], "w8", out=out, to=to)
+    b.op("Cast", [r], out=out, to=to)
 
 
 def _numpy_int8(blocks: list[QTensor], scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
