@@ -92,13 +92,13 @@ def test_subset_is_seeded(sst2_slice):
 def test_bucket_sampler_covers_every_example_once_and_is_deterministic():
     lengths = [((i * 37) % 23) + 1 for i in range(103)]
     s = LengthBucketSampler(lengths, 8, shuffle=True, seed=3, pool=4)
-    s.set_epoch(0)
+    s.seek(0)
     batches = list(s)
     assert sorted(i for b in batches for i in b) == list(range(103))
     assert batches == list(s)
-    s.set_epoch(1)
+    s.seek(1)
     assert list(s) != batches
-    s.set_epoch(0, start_batch=5)
+    s.seek(0, start_batch=5)
     assert list(s) == batches[5:] and len(s) == len(batches) - 5
     # bucketing: padding within batches is far below random batching
     waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)

@@ -35,7 +35,7 @@ def _read(folder):
 def test_qat_trains_logs_and_exports_int4_that_matches(capsys, tmp_path, tiny_models, sst2_slice, teacher, flags):
     q = tmp_path / "q"
     code, _, err = cli(capsys, "quantize", "--method", "qat", "--model", tiny_models["student"], "--teacher", teacher,
-                       "--data", sst2_slice, "--out", q, "--group-size", "16", *flags, *FAST)
+                       "--data", sst2_slice, "--out", q, "--group-size", "16", *flags, *FAST, "--log-every", "1")
     assert code == 0, err
     m = _read(q)
     rows = [json.loads(line) for line in (q / "metrics.jsonl").read_text().splitlines()]

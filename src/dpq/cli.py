@@ -66,28 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpq", description="Distill, Prune, Quantize transformer text classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="where to train and evaluate: auto (a GPU when torch sees one), cpu, or cuda "
+                             "(default: auto; for `run`, the recipe's device:). Latency is always measured on the CPU")
 
-    p = sub.add_parser("run", help="run a recipe's stages end to end (finished, unchanged stages are skipped)")
+    p = sub.add_parser("run", parents=[common], help="run a recipe's stages end to end (finished, unchanged stages are skipped)")
     p.add_argument("recipe", help="recipe YAML file, e.g. recipes/sst2.yaml")
     p.add_argument("--profile", help="profile from the recipe's profiles section (e.g. fast, full)")
     p.add_argument("--out", help="run folder (default: runs/NAME-PROFILE)")
     p.add_argument("--data", help="override the recipe's data (default: $DPQ_DATA, else the recipe's)")
     p.add_argument("--dry-run", action="store_true", help="say which stages would run and why, run nothing")
 
-    p = sub.add_parser("teacher", help="fine-tune a model on the labelled data (the teacher, or any baseline)")
+    p = sub.add_parser("teacher", parents=[common], help="fine-tune a model on the labelled data (the teacher, or any baseline)")
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="retrain even if --out is complete with the same settings")
     _data_args(p)
     _add_settings(p, TeacherSettings, title=TRAIN_HELP)
 
-    p = sub.add_parser("distill", help="distil a fine-tuned teacher into a student")
+    p = sub.add_parser("distill", parents=[common], help="distil a fine-tuned teacher into a student")
     p.add_argument("--teacher", required=True, help="teacher artifact folder (from `dpq teacher`)")
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="retrain even if --out is complete with the same settings")
     _data_args(p)
     _add_settings(p, DistillSettings, title="distillation and training settings")
 
-    p = sub.add_parser("prune", help="remove attention heads and FFN neurons (gradual, with KD recovery)")
+    p = sub.add_parser("prune", parents=[common], help="remove attention heads and FFN neurons (gradual, with KD recovery)")
     p.add_argument("--model", required=True, help="model folder to prune (from `dpq distill`, or an earlier prune)")
     p.add_argument("--teacher", required=True, help="teacher artifact folder for KD during pruning and recovery")
     p.add_argument("--out", required=True, help="artifact folder to write")
@@ -95,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _add_settings(p, PruneSettings, skip=("enabled",), title="pruning and training settings")
 
-    p = sub.add_parser("quantize", help="4/8-bit weights: PTQ (rtn, gptq) or QAT with KD (fixed or GoR loss weights)")
+    p = sub.add_parser("quantize", parents=[common], help="4/8-bit weights: PTQ (rtn, gptq) or QAT with KD (fixed or GoR loss weights)")
     p.add_argument("--model", required=True, help="fp32 model folder (from `dpq distill` or `dpq prune`)")
     p.add_argument("--out", required=True, help="artifact folder to write (packed model.quant.safetensors)")
     p.add_argument("--method", required=True, choices=("rtn", "gptq", "qat"), help="round-to-nearest, GPTQ, or QAT with KD")
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _add_settings(p, QuantizeSettings, skip=("enabled", "methods"), title="quantization and QAT settings")
 
-    p = sub.add_parser("export", help="ONNX export: fp32, int8 (dynamic) or int4 (MatMulNBits, the model's own codes)")
+    p = sub.add_parser("export", parents=[common], help="ONNX export: fp32, int8 (dynamic) or int4 (MatMulNBits, the model's own codes)")
     p.add_argument("--model", required=True, help="model folder (int4: a 4-bit `dpq quantize` folder)")
     p.add_argument("--out", required=True, help="folder to write (model.onnx, config, tokenizer, export.json)")
     p.add_argument("--format", default="onnx", choices=("onnx",), help="export format")
@@ -112,17 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo even if --out is complete with the same settings")
     _add_settings(p, ExportSettings, skip=("enabled", "precisions"), title="export settings")
 
-    p = sub.add_parser("report", help="report.md/json and Pareto plots of a run's evaluation")
+    p = sub.add_parser("report", parents=[common], help="report.md/json and Pareto plots of a run's evaluation")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (from `dpq run`)")
 
-    p = sub.add_parser("predict", help="label and probability for texts, from any model or exported folder")
+    p = sub.add_parser("predict", parents=[common], help="label and probability for texts, from any model or exported folder")
     p.add_argument("model", metavar="MODEL", help="model folder: PyTorch, packed 4-bit, or an ONNX export")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     p.add_argument("--file", help="UTF-8 file, one text per line")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
 
-    p = sub.add_parser("evaluate", help="accuracy, size, GFLOPs and latency of model folders")
+    p = sub.add_parser("evaluate", parents=[common], help="accuracy, size, GFLOPs and latency of model folders")
     p.add_argument("models", nargs="+", metavar="DIR", help="model folders")
     p.add_argument("--json", help="also write the rows to this JSON file")
     _data_args(p)
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args) -> None:
     from .pipeline import run_recipe
 
-    run_recipe(args.recipe, profile=args.profile, out=args.out, data=args.data, dry_run=args.dry_run)
+    run_recipe(args.recipe, profile=args.profile, out=args.out, data=args.data, dry_run=args.dry_run, device=args.device)
 
 
 def _cmd_teacher(args) -> None:
@@ -219,7 +223,7 @@ def _cmd_quantize(args) -> None:
                           teacher=(artifacts.read_manifest(teacher) or {}).get("settings_hash") if teacher else None,
                           model=(artifacts.read_manifest(model) or {}).get("settings_hash"))
     out = Path(args.out)
-    run_stage("quantize", out, stage_settings, lambda: quantize_stage(settings, args.method, model, teacher, data, out,
+    run_stage(f"quantize-{args.method}", out, stage_settings, lambda: quantize_stage(settings, args.method, model, teacher, data, out,
                                                                       stage_settings=stage_settings), force=args.force)
 
 
@@ -309,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr, force=True)
     try:
         _quiet_libraries()
+        from . import devices
+
+        devices.set_choice(args.device or "auto")
+        devices.quiet_other_processes()
         COMMANDS[args.command](args)
     except DpqError as e:
         print(f"dpq: error: {e}", file=sys.stderr)

@@ -380,8 +380,18 @@ class LengthBucketSampler(torch.utils.data.Sampler[list[int]]):
         self.pool = pool
         self.epoch = 0
         self.start = 0
+        self.shard_index, self.shards = 0, 1
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def shard(self, index: int, count: int) -> "LengthBucketSampler":
+        """Yield only process ``index``'s share of every batch (of ``count`` processes), so N processes step through
+        the same global batches as one. Accelerate's own batch sharding drops every batch shorter than the batch
+        size that is not the last, and bucketing puts such batches anywhere in the epoch."""
+        self.shard_index, self.shards = index, count
+        return self
+
+    def seek(self, epoch: int, start_batch: int = 0) -> None:
+        """Where the next pass starts. Not ``set_epoch``: Accelerate's loader calls that with its own pass count,
+        which would undo a resumed run's position."""
         self.epoch, self.start = epoch, start_batch
 
     def batches(self) -> list[list[int]]:
@@ -400,15 +410,21 @@ class LengthBucketSampler(torch.utils.data.Sampler[list[int]]):
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches()[self.start :]
+        for b in self.batches()[self.start :]:
+            # a batch smaller than the process count repeats its first example rather than leave a process idle
+            yield b[self.shard_index :: self.shards] or b[:1]
 
     def __len__(self) -> int:
         return max(0, -(-len(self.lengths) // self.batch_size) - self.start)
 
 
-def make_loader(ds: EncodedSplit, pad_ids: dict[str, int], batch_size: int, *, shuffle: bool, seed: int = 0):
-    sampler = LengthBucketSampler(ds.lengths, batch_size, shuffle=shuffle, seed=seed)
+def make_loader(ds: EncodedSplit, pad_ids: dict[str, int], batch_size: int, *, shuffle: bool, seed: int = 0,
+                workers: int = 0, pin_memory: bool = False, shard: tuple[int, int] = (0, 1)):
+    """``workers`` > 0 collates in worker processes (a GPU then never waits for padding); ``pin_memory`` lets the
+    copies to the GPU run asynchronously."""
+    sampler = LengthBucketSampler(ds.lengths, batch_size, shuffle=shuffle, seed=seed).shard(*shard)
     # a private generator: creating an iterator must not draw from the global RNG, or a resumed run's
     # dropout masks would differ from an uninterrupted one's
     return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(pad_ids),
-                                       generator=torch.Generator().manual_seed(seed))
+                                       generator=torch.Generator().manual_seed(seed), num_workers=workers,
+                                       pin_memory=pin_memory, persistent_workers=workers > 0)

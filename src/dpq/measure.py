@@ -34,10 +34,13 @@ def collect_logits(forward, ds: EncodedSplit, pad_ids: dict[str, int], batch_siz
     return out if out is not None else torch.empty(0, 0)
 
 
-def predict_logits(model, ds: EncodedSplit, pad_ids: dict[str, int], batch_size: int = 64, key: str = "input_ids") -> torch.Tensor:
-    """Logits of a PyTorch model for every example of ``ds``, in dataset order."""
+def predict_logits(model, ds: EncodedSplit, pad_ids: dict[str, int], batch_size: int | None = None,
+                   key: str = "input_ids") -> torch.Tensor:
+    """Logits of a PyTorch model for every example of ``ds``, in dataset order, on the model's device (batches of
+    256 on a GPU, 64 on the CPU unless ``batch_size`` says otherwise)."""
     model.eval()
     device = next(model.parameters()).device
+    batch_size = batch_size or (256 if device.type == "cuda" else 64)
     return collect_logits(lambda ids, mask: model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits,
                           ds, pad_ids, batch_size, key)
 
@@ -47,7 +50,7 @@ def accuracy_and_loss(logits: torch.Tensor, labels) -> dict:
     return {"accuracy": (logits.argmax(-1) == y).float().mean().item(), "loss": F.cross_entropy(logits, y).item()}
 
 
-def evaluate_model(model, ds: EncodedSplit, pad_ids: dict[str, int], batch_size: int = 64) -> dict:
+def evaluate_model(model, ds: EncodedSplit, pad_ids: dict[str, int], batch_size: int | None = None) -> dict:
     return accuracy_and_loss(predict_logits(model, ds, pad_ids, batch_size), ds.labels)
 
 

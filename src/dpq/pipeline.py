@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from . import artifacts
+from . import artifacts, devices, locks
 from .data import TextData, load_data
 from .errors import DpqError
 from .recipe import Recipe, dump_recipe, load_recipe
@@ -33,13 +33,28 @@ def stage_status(out: Path, settings: dict) -> tuple[bool, str]:
     return False, "complete, settings unchanged"
 
 
+# stages whose work is a training loop: every process of a multi-process job takes part; the others run on the
+# main process alone while the rest wait
+TRAINING = ("teacher", "baseline", "distill", "prune", "quantize-qat")
+
+
 def run_stage(name: str, out: Path, settings: dict, runner: Callable[[], Path], *, force: bool = False) -> Path:
     todo, why = stage_status(out, settings)
     if not todo and not force:
         log.info("%s: %s, skipped (%s)", name, why, out)
         return out
-    log.info("%s: running (%s)", name, why if not force else "forced")
-    return runner()
+    with locks.hold(out):
+        todo, why = stage_status(out, settings)  # another process may have finished it while we looked
+        if not todo and not force:
+            log.info("%s: %s, skipped (%s)", name, why, out)
+            return out
+        log.info("%s: running (%s)", name, why if not force else "forced")
+        if name in TRAINING or not devices.distributed():
+            return runner()
+        if devices.is_main():
+            runner()
+    devices.barrier()
+    return out
 
 
 def data_settings(recipe: Recipe) -> dict:
@@ -140,8 +155,10 @@ class Pipeline:
         return steps
 
 
-def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | None, dry_run: bool = False) -> Path:
+def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | None, dry_run: bool = False,
+               device: str | None = None) -> Path:
     recipe = load_recipe(path, profile)
+    devices.set_choice(device or recipe.device)
     data = data or os.environ.get("DPQ_DATA")
     if data:
         recipe.data.path = data
@@ -154,12 +171,16 @@ def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | N
             print(f"{name:{width}s}  {'run ' if todo else 'skip'}  {why}")
         return run_dir
     check_writable(run_dir)
-    run_dir.mkdir(exist_ok=True)
-    _write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
-    pipe.run()
-    from .report import write_report
+    with locks.hold(run_dir):
+        if devices.is_main():
+            run_dir.mkdir(exist_ok=True)
+            _write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+        pipe.run()
+        if not devices.is_main():
+            return run_dir
+        from .report import write_report
 
-    report = write_report(run_dir)
+        report = write_report(run_dir)
     log.info("run complete: %s", run_dir)
     print(f"report: {report / 'report.md'}")
     return run_dir

@@ -107,8 +107,8 @@ class HeadFfnMasks(nn.Module):
         super().__init__()
         self.layers = layers(model)
         for i, l in enumerate(self.layers):
-            self.register_buffer(f"head_{i}", torch.ones(l.n_heads))
-            self.register_buffer(f"ffn_{i}", torch.ones(l.ffn_size))
+            self.register_buffer(f"head_{i}", torch.ones(l.n_heads, device=l.q.weight.device))
+            self.register_buffer(f"ffn_{i}", torch.ones(l.ffn_size, device=l.q.weight.device))
         self._hooks = []
 
     @property
@@ -162,8 +162,9 @@ class HeadFfnMasks(nn.Module):
 
 
 def _allocate(scores: list[torch.Tensor], masks: list[torch.Tensor], fraction: float, allocation: str) -> list[torch.Tensor]:
+    # a few thousand numbers: ranked on the host whatever device the model trains on
     masks = [m.detach().cpu() for m in masks]
-    scores = [torch.where(m > 0, s.detach().float().cpu(), torch.tensor(-math.inf)) for s, m in zip(scores, masks)]
+    scores = [torch.where(m > 0, s.detach().float().cpu(), torch.tensor(-math.inf, device="cpu")) for s, m in zip(scores, masks)]
     new = [torch.ones_like(m) for m in masks]
     if allocation == "uniform":
         for s, n in zip(scores, new):
@@ -174,8 +175,8 @@ def _allocate(scores: list[torch.Tensor], masks: list[torch.Tensor], fraction: f
         total = sum(s.numel() for s in scores)
         k = int(round(fraction * total))
         flat = torch.cat(scores)
-        owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
-        pos = torch.cat([torch.arange(s.numel()) for s in scores])
+        owner = torch.cat([torch.full((s.numel(),), i, device="cpu") for i, s in enumerate(scores)])
+        pos = torch.cat([torch.arange(s.numel(), device="cpu") for s in scores])
         kept = [s.numel() for s in scores]
         removed = 0
         for j in torch.argsort(flat).tolist():
@@ -221,9 +222,9 @@ class GradientSensitivity(nn.Module):
         super().__init__()
         self.layers = layers(model)
         for i, l in enumerate(self.layers):
-            self.register_buffer(f"head_{i}", torch.zeros(l.n_heads))
-            self.register_buffer(f"ffn_{i}", torch.zeros(l.ffn_size))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+            self.register_buffer(f"head_{i}", torch.zeros(l.n_heads, device=l.q.weight.device))
+            self.register_buffer(f"ffn_{i}", torch.zeros(l.ffn_size, device=l.q.weight.device))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=self.layers[0].q.weight.device))
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -306,7 +307,7 @@ def _set_heads(attn: nn.Module, n: int, d: int) -> None:
 
 def shrink_layer(l: Layer, keep_heads: torch.Tensor, keep_ffn: torch.Tensor) -> None:
     d = l.head_dim
-    rows = (keep_heads[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
+    rows = (keep_heads[:, None] * d + torch.arange(d, device=keep_heads.device)[None, :]).reshape(-1)
     for lin in (l.q, l.k, l.v):
         _slice_linear(lin, rows, 0)
     _slice_linear(l.o, rows, 1)
@@ -320,7 +321,7 @@ def _install_bias_selectors(model: nn.Module, kept: list[list[int]]) -> None:
     if model.config.model_type != "mpnet":
         return
     for l, heads in zip(layers(model), kept):
-        idx = torch.tensor(heads)
+        idx = torch.tensor(heads, device=l.q.weight.device)
 
         def pre(module, args, kwargs, idx=idx):
             # MPNetAttention passes (hidden_states, attention_mask, position_bias) positionally
@@ -362,6 +363,8 @@ def restore_structure(model: nn.Module) -> nn.Module:
     if not kept:
         return model
     for l, heads, f in zip(layers(model), kept, sizes):
-        shrink_layer(l, torch.arange(len(heads)), torch.arange(f))  # shapes only: weights are loaded next
+        dev = l.q.weight.device
+        # shapes only: weights are loaded next
+        shrink_layer(l, torch.arange(len(heads), device=dev), torch.arange(f, device=dev))
     _install_bias_selectors(model, kept)
     return model

@@ -54,7 +54,10 @@ class TrainSettings:
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms)", min=0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", min=0)
     eval_every: int = opt(0, "evaluate every N steps as well as after each epoch (0: epochs only)", min=0)
-    checkpoint_every: int = opt(100, "write a resumable checkpoint every N steps", min=1)
+    checkpoint_every: int = opt(100, "on the CPU, write a resumable checkpoint every N steps", min=1)
+    checkpoint_minutes: float = opt(10.0, "on a GPU, write a resumable checkpoint every N minutes (and at epoch ends)",
+                                    gt=0)
+    log_every: int = opt(10, "steps per metrics.jsonl row (the mean loss over them)", min=1)
 
 
 @dataclass
@@ -172,6 +175,7 @@ STAGES = {"teacher": TeacherSettings, "baseline": BaselineSettings, "distill": D
 @dataclass
 class Recipe:
     name: str = "run"
+    device: str = "auto"  # auto | cpu | cuda; --device overrides it
     data: DataSettings = field(default_factory=DataSettings)
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     baseline: BaselineSettings = field(default_factory=BaselineSettings)
@@ -300,7 +304,10 @@ def load_recipe(path: str | os.PathLike, profile: str | None = None, overrides: 
     for key in raw:
         if key not in sections:
             raise DpqError(f"{path}: unknown section '{key}'{_did_you_mean(key, sections | {'profiles'})}")
-    recipe = Recipe(name=str(raw.get("name", path.stem)))
+    device = raw.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise DpqError(f"{path}: device: must be auto, cpu or cuda (got {device!r})")
+    recipe = Recipe(name=str(raw.get("name", path.stem)), device=device)
     recipe.data = build(DataSettings, raw.get("data", {}) or {}, "data")
     for name, cls in STAGES.items():
         setattr(recipe, name, build(cls, raw.get(name, {}) or {}, name))

@@ -13,13 +13,15 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from . import artifacts, export, measure, models, prune
+from . import artifacts, devices, export, measure, models, prune
 from .data import TextData, encode_split
 from .distill import KDConfig, KDLoss, ensemble_logits, make_weighting
 from .errors import DpqError
@@ -68,12 +70,14 @@ def pad_ids(tokenizer, teacher_tokenizer=None) -> dict[str, int]:
 
 
 def _seal(model, tokenizer, out: Path, work: Path, *, kind: str, settings: dict, metrics: dict) -> Path:
-    with artifacts.artifact_dir(out, kind=kind, settings=settings) as tmp:
-        models.save_classifier(model, tokenizer, tmp)
-        artifacts.write_json_atomic(tmp / "metrics.json", metrics)
-        if (work / "metrics.jsonl").is_file():
-            shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
-    shutil.rmtree(work, ignore_errors=True)
+    if devices.is_main():  # the other processes of a job hold the same weights: one writes
+        with artifacts.artifact_dir(out, kind=kind, settings=settings) as tmp:
+            models.save_classifier(model, tokenizer, tmp)
+            artifacts.write_json_atomic(tmp / "metrics.json", metrics)
+            if (work / "metrics.jsonl").is_file():
+                shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
+        shutil.rmtree(work, ignore_errors=True)
+    devices.barrier()
     return out
 
 
@@ -120,28 +124,76 @@ def finetune_stage(settings: TrainSettings, model_id: str, data: TextData, out: 
 
 
 def _teacher_key(teacher_dir: Path, train_fingerprint: str, max_length: int) -> str:
-    manifest = artifacts.read_manifest(teacher_dir) or {}
-    blob = json.dumps([manifest.get("files"), train_fingerprint, max_length], sort_keys=True)
+    """What the cached logits depend on: the teacher's files (its manifest's checksums, or for a plain model folder
+    the checksums of its weights and config), the training data and the length they were cut to."""
+    manifest = artifacts.read_manifest(teacher_dir)
+    if manifest is not None:
+        files = manifest.get("files")
+    else:
+        folder = Path(teacher_dir)
+        files = {p.name: artifacts.sha256_file(p) for p in sorted(folder.glob("*"))
+                 if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()} if folder.is_dir() else str(folder)
+    blob = json.dumps([files, train_fingerprint, max_length], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _read_cached_logits(path: Path, name: str, rows: int) -> torch.Tensor | None:
+    """The cached logits if the entry is whole and is the one asked for; else None (one warning, entry dropped)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            key = (f.metadata() or {}).get("key")
+            logits = f.get_tensor("logits")
+        if key != name or logits.ndim != 2 or logits.shape[0] != rows:
+            raise ValueError(f"holds {tuple(logits.shape)} for key {key}, expected {rows} rows for {name}")
+        return logits
+    except (OSError, ValueError, SafetensorError) as e:
+        log.warning("teacher-logits cache entry %s is damaged or stale (%s); recomputing it", path,
+                    str(e).splitlines()[0][:100])
+        path.unlink(missing_ok=True)
+        return None
 
 
 def cached_teacher_logits(teacher, teacher_dir: Path, train_set, train_fingerprint: str, pads: dict, max_length: int,
                           key: str = "teacher_input_ids") -> torch.Tensor:
-    """Teacher logits for the whole train set, computed once and cached by (teacher files, data, max_length)."""
+    """Teacher logits for the whole train set, computed once (on the GPU when there is one) and cached by (teacher
+    files, data, max_length). Written under a unique temporary name and renamed, so concurrent runs on the same
+    teacher never read half an entry; under several processes the main one computes and the others read."""
     name = _teacher_key(teacher_dir, train_fingerprint, max_length) + ("-own" if key == "input_ids" else "")
     path = models.cache_dir() / "teacher-logits" / f"{name}.safetensors"
-    if path.is_file():
-        logits = load_file(str(path))["logits"]
-        if logits.shape[0] == len(train_set):
+    logits = None
+    if devices.is_main():
+        logits = _read_cached_logits(path, name, len(train_set))
+        if logits is not None:
             log.info("teacher logits from cache %s", path)
-            return logits
-    log.info("computing teacher logits for %d training examples (cached for later runs)", len(train_set))
-    logits = measure.predict_logits(teacher, train_set, pads, batch_size=64, key=key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"logits": logits.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+        else:
+            logits = _compute_logits(teacher, train_set, pads, key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                save_file({"logits": logits.contiguous()}, tmp, metadata={"key": name})
+                os.replace(tmp, path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+    devices.barrier()
+    if logits is None:
+        logits = _read_cached_logits(path, name, len(train_set))
+        if logits is None:  # a cache folder not shared with the main process (another node)
+            logits = _compute_logits(teacher, train_set, pads, key)
     return logits
+
+
+def _compute_logits(teacher, train_set, pads: dict, key: str) -> torch.Tensor:
+    log.info("computing teacher logits for %d training examples (cached for later runs)", len(train_set))
+    home = next(teacher.parameters()).device
+    dev = devices.device()
+    teacher.to(dev)
+    try:
+        return measure.predict_logits(teacher, train_set, pads, key=key)
+    finally:
+        teacher.to(home)
 
 
 @dataclasses.dataclass
@@ -325,7 +377,8 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
 def _evaluate_torch(d: Path, split, settings: EvaluateSettings) -> tuple[dict, dict]:
     model, tok = models.load_model(d)
     ds = encode_split(split, tok, min(512, getattr(model.config, "max_position_embeddings", 512)))
-    m = measure.evaluate_model(model, ds, pad_ids(tok))
+    m = measure.evaluate_model(model.to(devices.device()), ds, pad_ids(tok))
+    model.to("cpu")  # latency describes CPU serving, the deployment target, wherever the run trained
     seq = max(1, round(ds.mean_length()))
     quant = getattr(model.config, "dpq_quant", None)
     # a packed checkpoint runs here as its dequantized fp32 weights: say so, its integer form is the ONNX export

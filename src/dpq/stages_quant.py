@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import artifacts, export, measure, models
+from . import artifacts, devices, export, measure, models
 from .data import TextData, encode_split
 from .distill import make_weighting
 from .errors import DpqError
@@ -34,6 +34,8 @@ PRECISIONS = ("fp32", "int8", "int4")
 
 def _seal_quantized(model, tok, qweights: dict[str, QTensor], out: Path, *, settings: dict, metrics: dict, meta: dict,
                     work: Path | None = None) -> Path:
+    if not devices.is_main():  # QAT under several processes: the main one writes
+        return out
     with artifacts.artifact_dir(out, kind="quantize", settings=settings) as tmp:
         model.config.dpq_quant = packed.save_packed(model, qweights, tmp, meta)
         model.config.save_pretrained(tmp)
@@ -71,7 +73,7 @@ def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, tea
     t0 = time.time()
     if method in ("rtn", "gptq"):
         model, tok = models.load_classifier(str(model_dir))
-        model.eval()
+        model.eval().to(devices.device())  # GPTQ's Hessians and layer passes are the slow part: on the GPU if any
         dev = encode_split(data.split("dev"), tok, settings.max_length)
         before = measure.evaluate_model(model, dev, pad_ids(tok))
         if settings.trim_vocab:
@@ -131,6 +133,7 @@ def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, tea
                    kept_tokens=meta.get("kept_tokens"), **gor)
     meta.update(loss_weights=settings.loss_weights, ensemble=settings.ensemble)
     _seal_quantized(student, ses.tokenizer, q, out, settings=stage_settings, metrics=metrics, meta=meta, work=work)
+    devices.barrier()
     log.info("quantize qat done: dev accuracy %.4f (PyTorch, dequantized weights), %.1f min -> %s",
              final["accuracy"], result.seconds / 60, out)
     return out

@@ -24,10 +24,11 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
-from . import artifacts
+from . import artifacts, devices
 from .data import EncodedSplit, make_loader
 from .errors import DpqError
 
@@ -38,14 +39,15 @@ log = logging.getLogger("dpq")
 class TrainConfig:
     epochs: int = 3
     lr: float = 5e-5
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch: split across processes under accelerate launch / torchrun
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     seed: int = 42
     eval_every: int = 0  # steps between evaluations; 0 = at the end of each epoch
-    checkpoint_every: int = 100  # steps between resumable checkpoints
-    log_every: int = 1  # steps between metrics.jsonl rows (loss, lr, every logged loss term and GoR weight)
+    checkpoint_every: int = 100  # steps between resumable checkpoints on the CPU
+    checkpoint_minutes: float = 10.0  # minutes between resumable checkpoints on a GPU (steps are too cheap to count)
+    log_every: int = 10  # steps between metrics.jsonl rows: the loss is averaged on the device, read once per row
 
     @classmethod
     def from_settings(cls, settings: dict) -> "TrainConfig":
@@ -93,10 +95,19 @@ def linear_warmup_decay(total: int, warmup: int) -> Callable[[int], float]:
 
 
 class _Checkpoint:
-    """Resumable state in ``work_dir/checkpoint``: written to a temp folder, then renamed."""
+    """Resumable state in ``work_dir/checkpoint``, the one before it in ``work_dir/checkpoint.prev``.
+
+    Written to a temp folder, then renamed; ``state.json`` records every file's size. A checkpoint that does not
+    read back whole (a full disk, a copy cut short) is passed over for the previous one, else the stage starts
+    over: either way one line says so. Every file is read before anything is applied, so a bad checkpoint never
+    leaves the model half-loaded.
+    """
+
+    FILES = ("weights.safetensors", "optimizer.safetensors", "rng.safetensors")
 
     def __init__(self, work_dir: Path, fingerprint: str):
         self.dir = work_dir / "checkpoint"
+        self.prev = work_dir / "checkpoint.prev"
         self.fingerprint = fingerprint
 
     def save(self, trainables, optimizer, scheduler, state: dict) -> None:
@@ -107,45 +118,72 @@ class _Checkpoint:
         opt = optimizer.state_dict()
         tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items()
                    for k, v in s.items() if torch.is_tensor(v)}
-        if tensors:
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, str(tmp / "rng.safetensors"))
         meta = dict(state, fingerprint=self.fingerprint, param_groups=opt["param_groups"],
-                    scheduler=scheduler.state_dict(), python_rng=random.getstate())
+                    scheduler=scheduler.state_dict(), python_rng=random.getstate(),
+                    file_sizes={n: (tmp / n).stat().st_size for n in self.FILES})
         artifacts.write_json_atomic(tmp / "state.json", meta)
-        old = self.dir.parent / ".checkpoint.old"
-        shutil.rmtree(old, ignore_errors=True)
         if self.dir.exists():
-            os.replace(self.dir, old)
+            shutil.rmtree(self.prev, ignore_errors=True)
+            os.replace(self.dir, self.prev)
         os.replace(tmp, self.dir)
-        shutil.rmtree(old, ignore_errors=True)
+
+    def _read(self, folder: Path) -> tuple[dict, dict] | None:
+        """(state, tensors) of a whole checkpoint; None when it was made with other settings; raises when damaged."""
+        meta = json.loads((folder / "state.json").read_text())
+        if meta.get("fingerprint") != self.fingerprint:
+            return None
+        for name, size in meta["file_sizes"].items():
+            got = (folder / name).stat().st_size
+            if got != size:
+                raise ValueError(f"{name} is {got} bytes, {size} were written")
+        return meta, {n: load_file(str(folder / n)) for n in self.FILES}
 
     def load(self, trainables, optimizer, scheduler) -> dict | None:
-        meta_path = self.dir / "state.json"
-        if not meta_path.is_file():
+        found = None
+        for folder in (self.dir, self.prev):
+            if not (folder / "state.json").is_file():
+                continue
+            try:
+                found = self._read(folder)
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+                log.warning("checkpoint %s does not load (%s); %s", folder, str(e).splitlines()[0][:120],
+                            "trying the previous one" if folder == self.dir else "starting the stage over")
+                continue
+            if found is None:
+                log.info("checkpoint in %s was made with other settings; starting over", folder)
+            break
+        if found is None:
             return None
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") != self.fingerprint:
-            log.info("checkpoint in %s was made with other settings; starting over", self.dir)
-            return None
-        missing, unexpected = load_model(trainables, str(self.dir / "weights.safetensors"), strict=True)
+        meta, files = found
+        load_model(trainables, str(folder / "weights.safetensors"), strict=True)  # read whole above: it loads
         opt_state: dict[int, dict] = {}
-        if (self.dir / "optimizer.safetensors").is_file():
-            for key, v in load_file(str(self.dir / "optimizer.safetensors")).items():
-                i, k = key.split(".", 1)
-                opt_state.setdefault(int(i), {})[k] = v
+        for key, v in files["optimizer.safetensors"].items():
+            i, k = key.split(".", 1)
+            opt_state.setdefault(int(i), {})[k] = v
         optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
         scheduler.load_state_dict(meta["scheduler"])
-        rng = load_file(str(self.dir / "rng.safetensors"))
+        rng = files["rng.safetensors"]
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available():
             torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
         pr = meta["python_rng"]
         random.setstate((pr[0], tuple(pr[1]), pr[2]))
         return meta
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop metrics rows past ``step``: a resumed run writes them again."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 class _StopForTest(Exception):
@@ -177,35 +215,86 @@ def train(
     ``after_backward(step)`` sees the gradients of each step before the optimizer uses them.
     """
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    cuda = torch.cuda.is_available()
+    main = devices.is_main()
+    if main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    cuda = devices.use_cuda()
+    nproc = devices.num_processes()
+    if cfg.batch_size % nproc:
+        raise DpqError(f"batch_size {cfg.batch_size} does not split evenly over {nproc} processes")
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
     set_seed(cfg.seed)
-    loader = make_loader(train_set, pad_ids, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    # each process takes its share of every batch: N processes step through the same global batches as one
+    loader = make_loader(train_set, pad_ids, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                         workers=2 if cuda else 0, pin_memory=cuda, shard=(devices.process_index(), nproc))
     sampler = loader.batch_sampler
     steps_per_epoch = len(sampler)
     total = max(1, steps_per_epoch * cfg.epochs)
-    optimizer = torch.optim.AdamW(_param_groups(trainables, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(_param_groups(trainables, cfg.weight_decay), lr=cfg.lr,
+                                  fused=True if cuda else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(total, int(cfg.warmup_ratio * total)))
     trainables, optimizer = accelerator.prepare(trainables, optimizer)
 
     ckpt = _Checkpoint(work_dir, fingerprint or artifacts.settings_hash(asdict(cfg)))
     metrics_log = work_dir / "metrics.jsonl"
+    best_file = work_dir / "best.safetensors"
     state = ckpt.load(trainables, optimizer, scheduler)
     if state is None:
         state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "history": []}
-        metrics_log.unlink(missing_ok=True)
-        (work_dir / "best.safetensors").unlink(missing_ok=True)
+        if main:
+            metrics_log.unlink(missing_ok=True)
+            best_file.unlink(missing_ok=True)
     else:
-        log.info("%s: resuming from step %d (epoch %d, batch %d)", desc, state["step"], state["epoch"] + 1, state["batch_in_epoch"])
+        log.info("%s: resuming from step %d (epoch %d, batch %d)", desc, state["step"], state["epoch"] + 1,
+                 state["batch_in_epoch"])
+        if main:
+            _trim_log(metrics_log, state["step"])
+            if _best_step(best_file) != (state["best"] or {}).get("step"):
+                best_file.unlink(missing_ok=True)  # written after the checkpoint we resume from: made again if due
+    devices.barrier()
 
     def log_row(row: dict) -> None:
-        with open(metrics_log, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if main:
+            with open(metrics_log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # the loss stays on the device between rows: reading it every step would stall a GPU on the host
+    pending = {"sum": torch.zeros((), device=accelerator.device), "n": 0, "first": state["step"] + 1, "logs": {}}
+
+    def flush() -> None:
+        """Write the averaged loss row and stop on a non-finite loss (before any checkpoint could keep it)."""
+        if pending["n"] == 0:
+            return
+        mean = accelerator.reduce(pending["sum"], reduction="mean").item() / pending["n"]
+        if not math.isfinite(mean):
+            where = (f"at step {state['step']}" if pending["first"] == state["step"]
+                     else f"between steps {pending['first']} and {state['step']}")
+            raise DpqError(f"{desc}: loss became {mean} {where}; stopped without saving a model (last good "
+                           f"checkpoint kept in {ckpt.dir}); lower the learning rate")
+        log_row({"step": state["step"], "loss": mean, "lr": scheduler.get_last_lr()[0],
+                 **{k: float(v) for k, v in pending["logs"].items()}})
+        bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+        pending.update(sum=torch.zeros((), device=accelerator.device), n=0, first=state["step"] + 1, logs={})
+
+    def save_checkpoint() -> None:
+        flush()
+        if main:
+            ckpt.save(accelerator.unwrap_model(trainables), optimizer, scheduler, state)
+        devices.barrier()
+        last_save[0] = time.time()
+
+    def checkpoint_due() -> bool:
+        if not cuda:
+            return bool(cfg.checkpoint_every) and state["step"] % cfg.checkpoint_every == 0
+        if state["step"] % max(1, cfg.log_every):
+            return False
+        due = torch.tensor(float(time.time() - last_save[0] >= 60 * cfg.checkpoint_minutes), device=accelerator.device)
+        return bool(accelerator.reduce(due, reduction="sum").item() > 0)  # every process decides alike
 
     def run_eval() -> None:
         if evaluate is None:
             return
+        flush()
         trainables.eval()
         with torch.no_grad():
             m = evaluate()
@@ -216,26 +305,25 @@ def train(
         state["history"].append(row)
         if state["step"] >= best_after_step and (state["best"] is None or m["accuracy"] > state["best"]["accuracy"]):
             state["best"] = dict(m, step=state["step"])
-            if best_state is not None:
+            if best_state is not None and main:
                 tmp = work_dir / ".best.tmp"
-                save_file({k: v.detach().cpu().contiguous() for k, v in best_state().items()}, str(tmp))
-                os.replace(tmp, work_dir / "best.safetensors")
+                save_file({k: v.detach().cpu().contiguous() for k, v in best_state().items()}, str(tmp),
+                          metadata={"step": str(state["step"])})
+                os.replace(tmp, best_file)
         log.info("%s: step %d eval %s", desc, state["step"], " ".join(f"{k}={v:.4f}" for k, v in m.items()))
 
     t0 = time.time()
+    last_save = [t0]
     trainables.train()
-    bar = tqdm(total=total, initial=state["step"], desc=desc, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total, initial=state["step"], desc=desc, unit="step", dynamic_ncols=True, disable=not main,
                mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
     try:
         while state["epoch"] < cfg.epochs:
-            sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
+            sampler.seek(state["epoch"], state["batch_in_epoch"])
             for batch in loader:
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 with accelerator.autocast():
                     loss, logs = loss_fn(batch)
-                if not torch.isfinite(loss):
-                    raise DpqError(f"{desc}: loss became {loss.item()} at step {state['step'] + 1}; stopped without "
-                                   f"saving a model (last good checkpoint kept in {ckpt.dir}); lower the learning rate")
                 accelerator.backward(loss)
                 if after_backward is not None:
                     after_backward(state["step"] + 1)
@@ -244,30 +332,45 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                pending["sum"] += loss.detach().float()
+                pending["n"] += 1
+                pending["logs"] = logs  # the last step's loss terms and weights, read when the row is written
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-                if state["step"] % cfg.log_every == 0:
-                    log_row({"step": state["step"], "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                             **{k: float(v) for k, v in logs.items()}})
+                if not cuda and nproc == 1 and not math.isfinite(loss.item()):
+                    pending["first"] = state["step"]  # on one CPU a read costs nothing: name the very step
+                    flush()
+                if state["step"] % max(1, cfg.log_every) == 0:
+                    flush()
                 if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["batch_in_epoch"] < steps_per_epoch:
                     run_eval()
                 if stop_after_steps is not None and state["step"] >= stop_after_steps:
                     raise _StopForTest()
-                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                    ckpt.save(accelerator.unwrap_model(trainables), optimizer, scheduler, state)
+                if checkpoint_due():
+                    save_checkpoint()
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
             run_eval()
-            ckpt.save(accelerator.unwrap_model(trainables), optimizer, scheduler, state)
+            save_checkpoint()
     except KeyboardInterrupt:
         bar.close()
-        ckpt.save(accelerator.unwrap_model(trainables), optimizer, scheduler, state)
-        raise DpqError(f"{desc}: interrupted at step {state['step']}; checkpoint saved, run the same command again to resume") from None
+        if main and math.isfinite(float(pending["sum"])):
+            ckpt.save(accelerator.unwrap_model(trainables), optimizer, scheduler, state)
+        raise DpqError(f"{desc}: interrupted at step {state['step']}; checkpoint saved, run the same command again "
+                       "to resume") from None
     finally:
         bar.close()
-    if restore_best is not None and (work_dir / "best.safetensors").is_file():
-        restore_best(load_file(str(work_dir / "best.safetensors")))
+    devices.barrier()
+    if restore_best is not None and best_file.is_file():
+        restore_best(load_file(str(best_file)))
     seconds = time.time() - t0
     return TrainResult(best_metrics=state["best"] or {}, steps=state["step"], seconds=seconds, history=state["history"])
+
+
+def _best_step(path: Path) -> int | None:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int((f.metadata() or {}).get("step", -1))
+    except (OSError, ValueError, SafetensorError):
+        return None

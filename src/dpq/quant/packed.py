@@ -34,12 +34,12 @@ def save_packed(model: torch.nn.Module, qweights: dict[str, QTensor], folder: Pa
     tensors: dict[str, torch.Tensor] = {}
     shapes, symmetric = {}, True
     for name, q in qweights.items():
-        tensors[f"{name}.qcodes"] = _pack(q.codes, q.bits).contiguous()
+        tensors[f"{name}.qcodes"] = _pack(q.codes.cpu(), q.bits).contiguous()
         # fp16 when exact (every dpq quantizer rounds its scales to fp16: fake.fp16_grid); loads back to the same fp32
-        tensors[f"{name}.scales"] = (q.scales.half() if has_fp16_scales(q) else q.scales.float()).contiguous()
+        tensors[f"{name}.scales"] = (q.scales.half() if has_fp16_scales(q) else q.scales.float()).cpu().contiguous()
         half = 2 ** (q.bits - 1)
         if not bool((q.zeros == half).all()):
-            tensors[f"{name}.zeros"] = _pack(q.zeros, q.bits).contiguous()
+            tensors[f"{name}.zeros"] = _pack(q.zeros.cpu(), q.bits).contiguous()
             symmetric = False
         shapes[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size}
     for name, t in model.state_dict().items():

@@ -73,15 +73,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=H.device)
     try:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     except torch.linalg.LinAlgError:
         raise DpqError("GPTQ: calibration Hessian is not positive definite; raise --calibration-samples") from None
     groups = -(-cols // group_size)
-    scales = torch.zeros(rows, groups)
-    zeros = torch.zeros(rows, groups)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    scales = torch.zeros(rows, groups, device=W.device)
+    zeros = torch.zeros(rows, groups, device=W.device)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
     qmax = 2**bits - 1
     bs = max(group_size, block_size // group_size * group_size)
     for i1 in range(0, cols, bs):
@@ -121,7 +121,8 @@ def _gptq_linears(model: nn.Module, targets: dict[str, nn.Linear], calibration: 
         blocks.setdefault(_block_of(name), []).append(name)
     for block in sorted(blocks):
         names = blocks[block]
-        hess = {n: torch.zeros(targets[n].in_features, targets[n].in_features, dtype=torch.float64) for n in names}
+        hess = {n: torch.zeros(targets[n].in_features, targets[n].in_features, dtype=torch.float64,
+                               device=targets[n].weight.device) for n in names}
         count = {n: 0 for n in names}
 
         def hook(name):
@@ -133,8 +134,9 @@ def _gptq_linears(model: nn.Module, targets: dict[str, nn.Linear], calibration: 
 
         handles = [targets[n].register_forward_pre_hook(hook(n)) for n in names]
         try:
+            dev = next(model.parameters()).device
             for batch in calibration:
-                model(**batch)
+                model(**{k: v.to(dev) for k, v in batch.items()})
         finally:
             for h in handles:
                 h.remove()

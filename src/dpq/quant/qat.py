@@ -52,16 +52,17 @@ def convert_qat(model: nn.Module) -> dict[str, QTensor]:
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QATLinear):
             q = mod.to_qtensor()
-            plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
             plain.weight = mod.weight
             plain.bias = mod.bias
         elif isinstance(mod, QATEmbedding):
             q = mod.to_qtensor()
             if mod.remap is not None:
-                plain = RemappedEmbedding(mod.num_embeddings, mod.embedding_dim, len(mod.remap), mod.padding_idx)
+                plain = RemappedEmbedding(mod.num_embeddings, mod.embedding_dim, len(mod.remap), mod.padding_idx,
+                                          device=mod.weight.device)
                 plain.remap.copy_(mod.remap)
             else:
-                plain = nn.Embedding(mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx)
+                plain = nn.Embedding(mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx, device="meta")
             plain.weight = mod.weight
         else:
             continue

@@ -18,9 +18,10 @@ from ..errors import DpqError
 class RemappedEmbedding(nn.Embedding):
     """An embedding over the kept rows, looked up through ``remap`` (int32, one entry per original id)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, original_vocab: int, padding_idx: int | None = None):
-        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
-        self.register_buffer("remap", torch.zeros(original_vocab, dtype=torch.int32))
+    def __init__(self, num_embeddings: int, embedding_dim: int, original_vocab: int, padding_idx: int | None = None,
+                 device=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device)
+        self.register_buffer("remap", torch.zeros(original_vocab, dtype=torch.int32, device=device))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return super().forward(self.remap[ids].long())
@@ -60,15 +61,15 @@ def trim_vocab(model: nn.Module, keep: list[int], unk_id: int) -> dict:
     if unk_id not in keep:
         raise DpqError("the kept vocabulary must contain the [UNK] token")
     vocab, dim = old.weight.shape
-    keep_t = torch.tensor(keep, dtype=torch.long)
+    keep_t = torch.tensor(keep, dtype=torch.long, device=old.weight.device)
     if int(keep_t.max()) >= vocab:
         raise DpqError(f"token id {int(keep_t.max())} is outside the model's vocabulary of {vocab}")
     pad = old.padding_idx
     new_pad = keep.index(pad) if pad is not None and pad in keep else None
-    new = RemappedEmbedding(len(keep), dim, vocab, padding_idx=new_pad)
+    new = RemappedEmbedding(len(keep), dim, vocab, padding_idx=new_pad, device=old.weight.device)
     new.weight.copy_(old.weight[keep_t])
     new.remap.fill_(keep.index(unk_id))
-    new.remap[keep_t] = torch.arange(len(keep), dtype=torch.int32)
+    new.remap[keep_t] = torch.arange(len(keep), dtype=torch.int32, device=old.weight.device)
     setattr(parent, name, new)
     model.config.dpq_vocab_original = vocab
     model.config.vocab_size = len(keep)
@@ -82,5 +83,6 @@ def restore_vocab(model: nn.Module) -> nn.Module:
         return model
     parent, name = _word_embeddings(model)
     old = getattr(parent, name)
-    setattr(parent, name, RemappedEmbedding(old.num_embeddings, old.embedding_dim, original, old.padding_idx))
+    setattr(parent, name, RemappedEmbedding(old.num_embeddings, old.embedding_dim, original, old.padding_idx,
+                                            device=old.weight.device))
     return model
