@@ -238,7 +238,7 @@ def train(
     ckpt = _Checkpoint(work_dir, fingerprint or artifacts.settings_hash(asdict(cfg)))
     metrics_log = work_dir / "metrics.jsonl"
     best_file = work_dir / "best.safetensors"
-    state = ckpt.load(trainables, optimizer, scheduler)
+    state = ckpt.load(accelerator.unwrap_model(trainables), optimizer, scheduler)
     if state is None:
         state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "history": []}
         if main:
