@@ -126,6 +126,31 @@ evaluate: {{latency_repeats: 1, warmup: 0}}
     assert lines["evaluate"].startswith("run")
 
 
+def test_run_recipe_reports_the_batch_sizes_it_timed(capsys, tmp_path, tiny_models, sst2_slice):
+    """evaluate.batch_sizes other than [1, 32]: ratios and report for the sizes measured (was a KeyError)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+data: {sst2_slice}
+teacher: {{model: {tiny_models['teacher']}, epochs: 1, max_train_samples: 32, batch_size: 16}}
+baseline: {{enabled: false}}
+distill: {{student: {tiny_models['student']}, epochs: 1, max_train_samples: 32, batch_size: 16}}
+prune: {{enabled: false}}
+quantize: {{enabled: false}}
+export: {{enabled: false}}
+evaluate: {{latency_repeats: 1, latency_rounds: 1, warmup: 0, batch_sizes: [2, 4]}}
+""")
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "run", recipe, "--out", run)
+    assert code == 0, err
+    rows = json.loads((run / "evaluation" / "results.json").read_text())
+    assert rows[0]["latency_ms_bs2_vs_teacher"] == rows[0]["latency_ms_bs4_vs_teacher"] == 1.0
+    assert "latency_ms_bs4_vs_teacher" in rows[1] and "latency_ms_bs1" not in rows[1]
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert {"faster_than_teacher_bs2", "faster_than_teacher_bs4"} <= set(report["rows"][1])
+    assert report["figures"] == ["accuracy_vs_size.png", "accuracy_vs_bs2.png", "accuracy_vs_bs4.png"]
+    assert "| bs2 ms | bs4 ms |" in (run / "report" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("importance, allocation", [("combined", "uniform"), ("kd-gradient", "layer-adaptive"),
                                                     ("magnitude", "uniform")])
 def test_prune_command_makes_a_smaller_model_that_reloads(capsys, tmp_path, tiny_models, sst2_slice,

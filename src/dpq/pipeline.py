@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -118,8 +119,9 @@ class Pipeline:
     def _evaluate(self, dirs: list[Path], settings: dict) -> Path:
         rows = evaluate_dirs(dirs, self.data, self.recipe.evaluate)
         teacher = rows[0]
+        latency = [k for k in teacher if re.fullmatch(r"latency_ms_bs\d+", k)]
         for row in rows:
-            for k in ("size_mb", "params", "gflops", "latency_ms_bs1", "latency_ms_bs32"):
+            for k in ("size_mb", "params", "gflops", *latency):
                 if teacher.get(k) and row.get(k):
                     row[f"{k}_vs_teacher"] = round(row[k] / teacher[k], 4)
         out = self.run_dir / "evaluation"
