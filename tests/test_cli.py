@@ -44,6 +44,15 @@ def test_exit_codes(capsys, tmp_path, sst2_slice, args, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_run_refuses_an_inconsistent_recipe_before_any_stage(capsys, tmp_path, tiny_models, sst2_slice, dry_run):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {sst2_slice}\nteacher: {{model: {tiny_models['teacher']}}}\nquantize: {{bits: 8}}\n")
+    code, _, err = run_cli(capsys, "run", recipe, "--out", tmp_path / "run", *(["--dry-run"] if dry_run else []))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "export.precisions: int4 needs quantize.bits" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_teacher_distill_evaluate_end_to_end(capsys, tmp_path, tiny_models, sst2_slice):
     t, s = tmp_path / "teacher", tmp_path / "student"
     code, _, err = run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)

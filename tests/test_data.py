@@ -113,6 +113,13 @@ def test_collator_pads_and_masks():
     assert torch.equal(batch["labels"], torch.tensor([1, 0]))
 
 
+def test_validation_names_the_dev_split(sst2_slice):
+    data = load_data(sst2_slice, need=("validation",))
+    assert data.split("validation") is data.split("dev") and len(data.split("val")) == 100
+    with pytest.raises(DpqError, match="no 'test' split"):
+        load_data(sst2_slice, need=("test",))
+
+
 def test_hub_id_offline_is_one_line_error():
     with pytest.raises(DpqError, match="Hugging Face Hub"):
         load_data("some-org/no-such-dataset-xyz:cfg")

@@ -67,9 +67,15 @@ class TextData:
         return len(self.label_names)
 
     def split(self, name: str) -> Split:
+        name = canonical_split(name) or name
         if name not in self.splits:
             raise DpqError(f"{self.source}: no '{name}' split (found: {', '.join(sorted(self.splits)) or 'none'})")
         return self.splits[name]
+
+
+def canonical_split(name: str) -> str | None:
+    """The split ``name`` reads as ('train' or 'dev': validation, valid and val are the dev split), else None."""
+    return next((s for s, aliases in SPLIT_NAMES.items() if name in aliases), None)
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -258,6 +264,10 @@ def load_data(spec: str | os.PathLike, *, labels: list[str] | None = None, skip_
     """Load ``spec``: a folder of split files, ``TRAIN,DEV`` file paths, or a hub id like ``nyu-mll/glue:sst2``."""
     spec_s = str(spec)
     path = Path(spec_s).expanduser()
+    unknown = [s for s in need if canonical_split(s) is None]
+    if unknown:
+        raise DpqError(f"no '{unknown[0]}' split: dpq reads {', '.join(n for a in SPLIT_NAMES.values() for n in a)}")
+    need = [canonical_split(s) for s in need]
     if path.is_dir():
         found = {s: _find_split_file(path, s) for s in SPLIT_NAMES}
         for s in need:
