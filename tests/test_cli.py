@@ -53,6 +53,21 @@ def test_run_refuses_an_inconsistent_recipe_before_any_stage(capsys, tmp_path, t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("missing, extra, export", [("onnx", "onnx", True), ("onnxruntime", "onnx", True),
+                                                    ("matplotlib", "report", True), ("onnx", None, False)])
+def test_run_names_a_missing_extra_before_any_stage(capsys, monkeypatch, tmp_path, sst2_slice, missing, extra,
+                                                    export):
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: importing it raises ImportError
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {sst2_slice}\nexport: {{enabled: {str(export).lower()}}}\n")
+    code, _, err = run_cli(capsys, "run", recipe, "--out", tmp_path / "run", "--dry-run")
+    if extra is None:  # a recipe without exports does not need the onnx extra
+        assert code == 0, err
+        return
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"needs {missing}, which is not installed: pip install 'dpq[{extra}]'" in err
+
+
 def test_teacher_distill_evaluate_end_to_end(capsys, tmp_path, tiny_models, sst2_slice):
     t, s = tmp_path / "teacher", tmp_path / "student"
     code, _, err = run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)

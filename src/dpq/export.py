@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import DpqError
+from .extras import require
 
 log = logging.getLogger("dpq")
 
@@ -29,6 +30,7 @@ class _LogitsOnly(torch.nn.Module):
 
 def export_onnx(model, path: Path, *, opset: int = 17) -> Path:
     """fp32 ONNX with dynamic batch/sequence axes (TorchScript-based exporter: stable graph, no onnxscript needed)."""
+    require("onnx", "ONNX export")
     path = Path(path)
     model = model.eval()
     impl = getattr(model.config, "_attn_implementation", None)
@@ -91,6 +93,7 @@ def load_onnx_folder(folder: Path, threads: int | None = None):
     from . import artifacts, models
 
     folder = Path(folder)
+    require("onnx", f"{folder}: running an ONNX export")
     if artifacts.is_complete(folder):
         artifacts.verify(folder, ["model.onnx"])
     info = json.loads((folder / "export.json").read_text())

@@ -13,6 +13,7 @@ from typing import Callable
 from . import artifacts
 from .data import TextData, load_data
 from .errors import DpqError
+from .extras import require
 from .recipe import Recipe, dump_recipe, load_recipe
 from .stages import check_writable, distill_stage, prune_stage, evaluate_dirs, finetune_stage, format_table, work_dir_for
 from .stages_quant import export_stage, quantize_stage
@@ -144,6 +145,10 @@ class Pipeline:
 
 def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | None, dry_run: bool = False) -> Path:
     recipe = load_recipe(path, profile)
+    # the last stages need the optional extras: a missing one is said now, not after hours of training
+    if recipe.export.enabled and recipe.export.precisions:
+        require("onnx", "the recipe's export stages (export.precisions)")
+    require("report", "the run's report")
     data = data or os.environ.get("DPQ_DATA")
     if data:
         recipe.data.path = data

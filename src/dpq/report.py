@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import artifacts
 from .errors import DpqError
+from .extras import require
 
 log = logging.getLogger("dpq")
 
@@ -142,6 +143,7 @@ def write_report(run_dir: Path) -> Path:
         raise DpqError(f"{results_path}: not valid JSON") from None
     if not results:
         raise DpqError(f"{results_path}: holds no models")
+    require("report", "the report's plots")
     rows = build_rows(results)
     fronts = {cost: pareto(rows, cost) for cost in costs(batch_sizes(rows))}
     hardware = results[0].get("hardware", {})
