@@ -37,3 +37,21 @@ def test_export_without_onnx_names_the_extra(tiny_models, tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(DpqError, match=r"ONNX export needs onnx, which is not installed: pip install 'dpq\[onnx\]'"):
         export.export_onnx(model, tmp_path / "m.onnx")
+
+
+def test_only_exporter_failures_are_reported_as_unsupported(tiny_models, tmp_path, monkeypatch):
+    from torch.onnx.errors import UnsupportedOperatorError
+
+    model, _ = models.load_classifier(str(tiny_models["student"]))
+
+    def failing(exc):
+        def fake_export(*args, **kwargs):
+            raise exc
+        return fake_export
+
+    monkeypatch.setattr(torch.onnx, "export", failing(UnsupportedOperatorError("aten::foo", 17, None)))
+    with pytest.raises(DpqError, match="ONNX export failed for bert: .*aten::foo"):
+        export.export_onnx(model, tmp_path / "m.onnx")
+    monkeypatch.setattr(torch.onnx, "export", failing(TypeError("a bug, in dpq or below it")))
+    with pytest.raises(TypeError):
+        export.export_onnx(model, tmp_path / "m.onnx")

@@ -228,12 +228,14 @@ def load_files(train: Path | None, dev: Path | None, *, labels: list[str] | None
 
 
 def load_hub(spec: str, *, labels: list[str] | None = None) -> TextData:
+    import datasets
+    from datasets.exceptions import DatasetsError
+
     name, _, config = spec.partition(":")
     try:
-        import datasets
-
         ds = datasets.load_dataset(name, config or None)
-    except Exception as e:  # offline, unknown id, gated: one line, not the library's traceback
+    # offline or unreachable, unknown or gated id (OSError), unknown config (ValueError), unusable files on the Hub
+    except (OSError, ValueError, DatasetsError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DpqError(f"data '{spec}': not a local path and could not be loaded from the Hugging Face Hub ({first[:200]})") from None
     splits = {}

@@ -31,6 +31,8 @@ class _LogitsOnly(torch.nn.Module):
 def export_onnx(model, path: Path, *, opset: int = 17) -> Path:
     """fp32 ONNX with dynamic batch/sequence axes (TorchScript-based exporter: stable graph, no onnxscript needed)."""
     require("onnx", "ONNX export")
+    from torch.onnx.errors import OnnxExporterError
+
     path = Path(path)
     model = model.eval()
     impl = getattr(model.config, "_attn_implementation", None)
@@ -47,7 +49,7 @@ def export_onnx(model, path: Path, *, opset: int = 17) -> Path:
                               output_names=["logits"], opset_version=opset, dynamo=False,
                               dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                                             "logits": {0: "batch"}})
-    except Exception as e:  # an exporter failure is a limitation of this architecture, said in one line
+    except OnnxExporterError as e:  # an operator or construct of this architecture the exporter cannot express
         raise DpqError(f"ONNX export failed for {model.config.model_type}: {str(e).splitlines()[0][:200]}") from None
     finally:
         if impl == "sdpa" and hasattr(model, "set_attn_implementation"):
