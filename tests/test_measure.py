@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 
 from dpq import measure, models
@@ -24,10 +26,20 @@ def test_weights_size_counts_weight_files_only(tmp_path):
     assert measure.weights_size_mb(tmp_path) == pytest.approx(2.5)
 
 
-def test_latency_is_median_of_repeats():
-    calls = []
-    ms = measure.latency_ms(lambda: calls.append(1), warmup=2, repeats=5)
-    assert len(calls) == 7 and ms >= 0
+def test_latency_is_median_of_repeats(monkeypatch):
+    """A fake clock that each call advances by a known time: the median is known, and differs from the mean
+    and the minimum; warm-up calls (0.5 s here) are not counted."""
+    clock = [0.0]
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def model(seconds):
+        it = iter(seconds)
+        return lambda: clock.__setitem__(0, clock[0] + next(it))
+
+    a = model([0.5, 0.001, 0.009, 0.002, 0.100, 0.003, 0.004])  # timed: 1 9 2 100 3 4 ms, median 3.5
+    b = model([0.5, 0.005, 0.005, 1.000, 0.005, 0.006, 0.004])  # timed: 5 5 1000 5 6 4 ms, median 5
+    out = measure.interleaved_latency_ms([{"ms": a}, {"ms": b}], rounds=3, repeats=2, warmup=1)
+    assert out == [{"ms": pytest.approx(3.5)}, {"ms": pytest.approx(5.0)}]
 
 
 def test_evaluate_model_accuracy(tiny_models, sst2_slice):
