@@ -5,11 +5,10 @@
 
 int8: dynamic quantization of the attention-fused graph with U8S8 (with and without reduce_range), per-tensor
 U8S8, U8U8, and with the embeddings left fp32. int4 (the --int4 folder's own codes): MatMulNBits at
-accuracy level 0 and 4, on the plain and on the attention-fused (MultiHeadAttention) graph, and the same codes
-expanded to int8 kernels when the session loads (``onnx_int4_int8``). Files in which ORT fuses Add + LayerNorm into
-SkipLayerNormalization are also timed with that fusion switched off. Every file is
-timed round-robin in this process (2 threads, batch 1 and 32 x 25 tokens, median of 8 x 5 runs after warm-up)
-and its dev accuracy measured.
+accuracy level 0 and 4, and the same codes expanded to int8 kernels when the session loads (``onnx_int4_int8``).
+Files in which ORT fuses Add + LayerNorm into SkipLayerNormalization are also timed with that fusion switched off.
+Every file is timed round-robin in this process (2 threads, batch 1 and 32 x 25 tokens, median of 8 x 5 runs
+after warm-up) and its dev accuracy measured.
 """
 
 from __future__ import annotations
@@ -63,10 +62,9 @@ def main() -> None:
         weights = {k: (st[k], v) for k, v in q.items()}
         export.export_onnx(qm.eval(), tmp / "q32.onnx")
         for level in (0, 4):
-            for fuse in (False, True):
-                out = tmp / f"{len(files)}.onnx"
-                onnx_quant.int4_onnx(tmp / "q32.onnx", out, weights, accuracy_level=level, fuse=fuse)
-                files[f"int4 level {level}{' fused attention' if fuse else ''}"] = out
+            out = tmp / f"{len(files)}.onnx"
+            onnx_quant.int4_onnx(tmp / "q32.onnx", out, weights, accuracy_level=level)
+            files[f"int4 level {level}"] = out
         out = tmp / f"{len(files)}.onnx"
         int4_int8_kernels_onnx(tmp / "q32.onnx", out, weights)
         files["int4 codes on int8 kernels"] = out

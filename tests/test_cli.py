@@ -44,6 +44,30 @@ def test_exit_codes(capsys, tmp_path, sst2_slice, args, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_run_refuses_an_inconsistent_recipe_before_any_stage(capsys, tmp_path, tiny_models, sst2_slice, dry_run):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {sst2_slice}\nteacher: {{model: {tiny_models['teacher']}}}\nquantize: {{bits: 8}}\n")
+    code, _, err = run_cli(capsys, "run", recipe, "--out", tmp_path / "run", *(["--dry-run"] if dry_run else []))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "export.precisions: int4 needs quantize.bits" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("missing, extra, export", [("onnx", "onnx", True), ("onnxruntime", "onnx", True),
+                                                    ("matplotlib", "report", True), ("onnx", None, False)])
+def test_run_names_a_missing_extra_before_any_stage(capsys, monkeypatch, tmp_path, sst2_slice, missing, extra,
+                                                    export):
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: importing it raises ImportError
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {sst2_slice}\nexport: {{enabled: {str(export).lower()}}}\n")
+    code, _, err = run_cli(capsys, "run", recipe, "--out", tmp_path / "run", "--dry-run")
+    if extra is None:  # a recipe without exports does not need the onnx extra
+        assert code == 0, err
+        return
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"needs {missing}, which is not installed: pip install 'dpq[{extra}]'" in err
+
+
 def test_teacher_distill_evaluate_end_to_end(capsys, tmp_path, tiny_models, sst2_slice):
     t, s = tmp_path / "teacher", tmp_path / "student"
     code, _, err = run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)
@@ -124,6 +148,31 @@ evaluate: {{latency_repeats: 1, warmup: 0}}
     assert lines["prune"].startswith("run")  # downstream of the changed stage
     assert lines["quantize-qat"].startswith("run") and lines["export-int4-quantized-qat"].startswith("run")
     assert lines["evaluate"].startswith("run")
+
+
+def test_run_recipe_reports_the_batch_sizes_it_timed(capsys, tmp_path, tiny_models, sst2_slice):
+    """evaluate.batch_sizes other than [1, 32]: ratios and report for the sizes measured (was a KeyError)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+data: {sst2_slice}
+teacher: {{model: {tiny_models['teacher']}, epochs: 1, max_train_samples: 32, batch_size: 16}}
+baseline: {{enabled: false}}
+distill: {{student: {tiny_models['student']}, epochs: 1, max_train_samples: 32, batch_size: 16}}
+prune: {{enabled: false}}
+quantize: {{enabled: false}}
+export: {{enabled: false}}
+evaluate: {{latency_repeats: 1, latency_rounds: 1, warmup: 0, batch_sizes: [2, 4]}}
+""")
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "run", recipe, "--out", run)
+    assert code == 0, err
+    rows = json.loads((run / "evaluation" / "results.json").read_text())
+    assert rows[0]["latency_ms_bs2_vs_teacher"] == rows[0]["latency_ms_bs4_vs_teacher"] == 1.0
+    assert "latency_ms_bs4_vs_teacher" in rows[1] and "latency_ms_bs1" not in rows[1]
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert {"faster_than_teacher_bs2", "faster_than_teacher_bs4"} <= set(report["rows"][1])
+    assert report["figures"] == ["accuracy_vs_size.png", "accuracy_vs_bs2.png", "accuracy_vs_bs4.png"]
+    assert "| bs2 ms | bs4 ms |" in (run / "report" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("importance, allocation", [("combined", "uniform"), ("kd-gradient", "layer-adaptive"),

@@ -113,6 +113,32 @@ def test_collator_pads_and_masks():
     assert torch.equal(batch["labels"], torch.tensor([1, 0]))
 
 
+def test_validation_names_the_dev_split(sst2_slice):
+    data = load_data(sst2_slice, need=("validation",))
+    assert data.split("validation") is data.split("dev") and len(data.split("val")) == 100
+    with pytest.raises(DpqError, match="no 'test' split"):
+        load_data(sst2_slice, need=("test",))
+
+
 def test_hub_id_offline_is_one_line_error():
     with pytest.raises(DpqError, match="Hugging Face Hub"):
         load_data("some-org/no-such-dataset-xyz:cfg")
+
+
+def test_hub_errors_a_user_causes_are_one_line_and_bugs_are_not(monkeypatch):
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    def failing(exc):
+        def load_dataset(*args, **kwargs):
+            raise exc
+        return load_dataset
+
+    for exc in [DatasetNotFoundError("no such dataset"), ConnectionError("offline"),
+                ValueError("BuilderConfig 'x' not found")]:
+        monkeypatch.setattr(datasets, "load_dataset", failing(exc))
+        with pytest.raises(DpqError, match=f"Hugging Face Hub .*{str(exc)[:8]}"):
+            load_data("org/name:x")
+    monkeypatch.setattr(datasets, "load_dataset", failing(TypeError("a bug, in dpq or below it")))
+    with pytest.raises(TypeError):  # not reported as the user's mistake
+        load_data("org/name:x")

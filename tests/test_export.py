@@ -1,7 +1,10 @@
+import sys
+
 import pytest
 import torch
 
 from dpq import export, models
+from dpq.errors import DpqError
 from dpq.prune import HeadFfnMasks, PruneConfig, magnitude_scores, remove_masked
 
 
@@ -27,3 +30,28 @@ def test_pruned_model_exports_with_smaller_shapes_and_matches(tiny_models, tmp_p
         with torch.no_grad():
             ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
         assert abs(export.ort_logits(session, ids, mask) - ref).max() < 1e-4
+
+
+def test_export_without_onnx_names_the_extra(tiny_models, tmp_path, monkeypatch):
+    model, _ = models.load_classifier(str(tiny_models["student"]))
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(DpqError, match=r"ONNX export needs onnx, which is not installed: pip install 'dpq\[onnx\]'"):
+        export.export_onnx(model, tmp_path / "m.onnx")
+
+
+def test_only_exporter_failures_are_reported_as_unsupported(tiny_models, tmp_path, monkeypatch):
+    from torch.onnx.errors import UnsupportedOperatorError
+
+    model, _ = models.load_classifier(str(tiny_models["student"]))
+
+    def failing(exc):
+        def fake_export(*args, **kwargs):
+            raise exc
+        return fake_export
+
+    monkeypatch.setattr(torch.onnx, "export", failing(UnsupportedOperatorError("aten::foo", 17, None)))
+    with pytest.raises(DpqError, match="ONNX export failed for bert: .*aten::foo"):
+        export.export_onnx(model, tmp_path / "m.onnx")
+    monkeypatch.setattr(torch.onnx, "export", failing(TypeError("a bug, in dpq or below it")))
+    with pytest.raises(TypeError):
+        export.export_onnx(model, tmp_path / "m.onnx")

@@ -1,4 +1,8 @@
+import math
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from dpq import measure, models
 
@@ -24,23 +28,44 @@ def test_weights_size_counts_weight_files_only(tmp_path):
     assert measure.weights_size_mb(tmp_path) == pytest.approx(2.5)
 
 
-def test_latency_is_median_of_repeats():
-    calls = []
-    ms = measure.latency_ms(lambda: calls.append(1), warmup=2, repeats=5)
-    assert len(calls) == 7 and ms >= 0
+def test_latency_is_median_of_repeats(monkeypatch):
+    """A fake clock that each call advances by a known time: the median is known, and differs from the mean
+    and the minimum; warm-up calls (0.5 s here) are not counted."""
+    clock = [0.0]
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def model(seconds):
+        it = iter(seconds)
+        return lambda: clock.__setitem__(0, clock[0] + next(it))
+
+    a = model([0.5, 0.001, 0.009, 0.002, 0.100, 0.003, 0.004])  # timed: 1 9 2 100 3 4 ms, median 3.5
+    b = model([0.5, 0.005, 0.005, 1.000, 0.005, 0.006, 0.004])  # timed: 5 5 1000 5 6 4 ms, median 5
+    out = measure.interleaved_latency_ms([{"ms": a}, {"ms": b}], rounds=3, repeats=2, warmup=1)
+    assert out == [{"ms": pytest.approx(3.5)}, {"ms": pytest.approx(5.0)}]
 
 
-def test_evaluate_model_accuracy(tiny_models, sst2_slice):
-    import torch
+class _Lookup(torch.nn.Module):
+    """Logits read from a table by each example's first token, so every prediction is known by hand."""
 
-    from dpq.data import encode_split, load_data
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.tensor(table))
 
-    model, tok = models.load_classifier(str(tiny_models["student"]))
-    ds = encode_split(load_data(sst2_slice).split("dev"), tok, 64)
-    m = measure.evaluate_model(model, ds, {"input_ids": tok.pad_token_id})
-    logits = measure.predict_logits(model, ds, {"input_ids": tok.pad_token_id})
-    manual = (logits.argmax(-1) == torch.tensor(ds.labels)).float().mean().item()
-    assert m["accuracy"] == pytest.approx(manual) and 0 <= m["accuracy"] <= 1 and m["loss"] > 0
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self.table[input_ids[:, 0]])
+
+
+def test_evaluate_model_accuracy():
+    from dpq.data import EncodedSplit
+
+    ln3 = math.log(3)  # softmax([ln 3, 0]) = [0.75, 0.25]
+    model = _Lookup([[ln3, 0.0], [0.0, ln3], [ln3, 0.0], [ln3, 0.0]])
+    # lengths 4, 1, 2, 3: the loader batches them by length, out of dataset order
+    ds = EncodedSplit([[0, 7, 7, 7], [1], [2, 7], [3, 7, 7]], labels=[0, 1, 1, 0])
+    m = measure.evaluate_model(model, ds, {"input_ids": 9}, batch_size=2)
+    # examples 0, 1, 3 right with p(label) = 0.75; example 2 wrong with p(label) = 0.25
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["loss"] == pytest.approx((3 * math.log(4 / 3) + math.log(4)) / 4)
 
 
 def test_interleaved_latency_times_every_model_every_round():

@@ -106,3 +106,15 @@ def test_damaged_weights_are_refused_by_name(tiny_models, tmp_path, damage):
     w.write_bytes(bytes(data))
     with pytest.raises(DpqError, match="model.safetensors: checksum"):
         load_model(out)
+
+
+@pytest.mark.parametrize("keep", [5, 40, 0.5])
+def test_truncated_weights_of_a_plain_folder_are_refused_by_name(tiny_models, tmp_path, keep):
+    """No dpq manifest, so no checksum: the safetensors header itself must give the file away."""
+    _, _, out = _saved(tiny_models, tmp_path)
+    (out / "manifest.json").unlink()
+    w = out / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(DpqError, match=f"{w}: damaged or cut short"):
+        load_model(out)

@@ -71,10 +71,9 @@ def test_int4_runs_our_codes(tiny_models, ffn40, tmp_path, which, accuracy_level
     n_linear = sum(1 for k in weights if "embeddings" not in k)
     assert n_linear == 2 * 6 + 1  # q, k, v, o, ffn in, ffn out per layer, and the pooler (a Gemm)
     fp32 = export.export_onnx(model, tmp_path / "fp32.onnx")
-    fuse = accuracy_level == 0  # both graph forms: attention fused (MultiHeadAttention) and plain matmuls
-    report = int4_onnx(fp32, tmp_path / "int4.onnx", weights, accuracy_level=accuracy_level, fuse=fuse)
+    report = int4_onnx(fp32, tmp_path / "int4.onnx", weights, accuracy_level=accuracy_level)
     assert report == {"matmul_nbits": n_linear, "gather_block_quantized": 1, "left_fp32": [],
-                      "accuracy_level": accuracy_level, "fused_attention": fuse}
+                      "accuracy_level": accuracy_level}
 
     session = export.ort_session(tmp_path / "int4.onnx")
     for shape in [(1, 5), (4, 23)]:
@@ -139,7 +138,7 @@ def test_int8_dynamic_fuses_attention_and_stays_close(tiny_models, tmp_path, pru
         kept = remove_masked(model, masks)["kept_heads"]
         assert len({len(k) for k in kept}) > 1
     fp32 = export.export_onnx(model, tmp_path / "fp32.onnx")
-    report = int8_onnx(fp32, tmp_path / "int8.onnx", weight_type="s8", num_heads=4, hidden_size=32)
+    report = int8_onnx(fp32, tmp_path / "int8.onnx", weight_type="s8")
     vnni = bool(_cpu_flags() & {"avx512_vnni", "avx_vnni"})
     assert report["weight_type"] == "s8" and report["reduce_range"] is (not vnni)  # 7-bit only where U8S8 saturates
     assert report["fused_attention"] is True and report["ops"]["QAttention"] == 2
@@ -152,10 +151,16 @@ def test_int8_dynamic_fuses_attention_and_stays_close(tiny_models, tmp_path, pru
         assert np.abs(export.ort_logits(session, ids, mask) - ref).max() <= 0.1 * np.abs(ref).max()
 
 
-def test_int8_unfused_and_auto(tiny_models, tmp_path):
+def test_int8_falls_back_to_the_unfused_graph_when_fusion_fails(tiny_models, tmp_path, monkeypatch):
+    import onnxruntime.transformers.optimizer as optimizer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("fusion crashed")
+
+    monkeypatch.setattr(optimizer, "optimize_model", broken)  # quantizes the unfused graph
     model, _ = models.load_classifier(str(tiny_models["student"]))
     fp32 = export.export_onnx(model.eval(), tmp_path / "fp32.onnx")
-    report = int8_onnx(fp32, tmp_path / "int8.onnx", optimize=False)
+    report = int8_onnx(fp32, tmp_path / "int8.onnx")
     assert report["weight_type"] in ("s8", "u8") and report["why"]
     assert report["reduce_range"] == (report["weight_type"] == "s8" and not (_cpu_flags() & {"avx512_vnni", "avx_vnni"}))
     assert report["fused_attention"] is False and report["ops"]["QAttention"] == 0
@@ -179,19 +184,6 @@ def test_runtime_ops_name_the_kernels_that_run(tiny_models, tmp_path):
     int8_onnx(fp32, tmp_path / "int8.onnx", weight_type="u8")
     ops8 = runtime_ops(tmp_path / "int8.onnx")
     assert ops8.get("QAttention") == 2 and ops8.get("DynamicQuantizeMatMul", 0) > 0  # ORT fuses MatMulInteger
-
-
-def test_int8_falls_back_to_the_unfused_graph_when_fusion_fails(tiny_models, tmp_path, monkeypatch):
-    import onnxruntime.transformers.optimizer as optimizer
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("fusion crashed")
-
-    monkeypatch.setattr(optimizer, "optimize_model", broken)
-    model, _ = models.load_classifier(str(tiny_models["student"]))
-    fp32 = export.export_onnx(model.eval(), tmp_path / "fp32.onnx")
-    report = int8_onnx(fp32, tmp_path / "int8.onnx", weight_type="u8")
-    assert report["fused_attention"] is False and report["ops"]["MatMulInteger"] == 2 * 6 + 2
 
 
 @pytest.mark.parametrize("weight_type", ["s8", "u8"])

@@ -42,11 +42,33 @@ def test_profile_overrides_and_yaml_exponent_strings(tmp_path):
     ("baseline: {enabled: maybe}\n", "expected true or false"),
     ("teacher: [1, 2]\n", "expected a mapping"),
     ("teacher: {epochs: 2\n", "not valid YAML"),
+    # whole-recipe checks: each used to surface only after the stages before it had trained (or never)
+    ("export: {precisions: [fp32, int3]}\n", "export.precisions: 'int3' is not one of fp32, int8, int4"),
+    ("evaluate: {split: test}\n", "evaluate.split: 'test' is not a split dpq reads"),
+    ("evaluate: {split: devv}\n", "(did you mean 'dev'?)"),
+    ("evaluate: {batch_sizes: [1, 0]}\n", "evaluate.batch_sizes: a list of integers >= 1"),
+    ("evaluate: {batch_sizes: []}\n", "evaluate.batch_sizes: a list of integers >= 1"),
+    ("quantize: {symmetric: false}\n", "quantize.symmetric: QAT learns symmetric step sizes"),
+    ("quantize: {bits: 8}\n", "export.precisions: int4 needs quantize.bits: 4 (got 8)"),
+    ("quantize: {enabled: false}\n", "export.precisions: int4 exports the quantize stages' 4-bit models"),
+    ("quantize: {methods: []}\n", "export.precisions: int4 exports the quantize stages' 4-bit models"),
+    ("quantize: {ensemble: true, hidden_weight: 1.0}\n", "quantize.ensemble: ensemble distillation uses logits"),
+    ("prune: {prune_start: 0.8, prune_end: 0.2}\n", "prune.prune_start (0.8) must not be after"),
 ])
 def test_bad_recipes(tmp_path, text, message):
     with pytest.raises(DpqError) as e:
         load_recipe(write(tmp_path, text))
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("text", [
+    "quantize: {symmetric: false, methods: [gptq]}\n",
+    "quantize: {bits: 8}\nexport: {precisions: [fp32, int8]}\n",
+    "quantize: {enabled: false}\nexport: {enabled: false}\n",
+    "evaluate: {split: validation, batch_sizes: [4]}\n",
+])
+def test_consistent_recipes_load(tmp_path, text):
+    load_recipe(write(tmp_path, text))
 
 
 def test_unknown_profile(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -51,6 +52,32 @@ def test_report_writes_table_json_and_plots(capsys, tmp_path):
         assert (rep / f).stat().st_size > 1000
 
 
+def test_report_uses_the_batch_sizes_measured(capsys, tmp_path):
+    run = tmp_path / "run"
+    (run / "evaluation").mkdir(parents=True)
+    rows = [_row("teacher", "torch-fp32", 0.91, 400, 50, 700), _row("distilled", "torch-fp32", 0.89, 90, 8, 90)]
+    for r in rows:  # timed at batch 4 and 64 only
+        r["latency_ms_bs4"], r["latency_ms_bs64"] = r.pop("latency_ms_bs1"), r.pop("latency_ms_bs32")
+    (run / "evaluation" / "results.json").write_text(json.dumps(rows))
+    code, _, err = cli(capsys, "report", run)
+    assert code == 0, err
+    data = json.loads((run / "report" / "report.json").read_text())
+    assert data["rows"][1]["faster_than_teacher_bs4"] == pytest.approx(50 / 8, rel=1e-2)
+    assert data["rows"][1]["faster_than_teacher_bs64"] == pytest.approx(700 / 90, rel=1e-2)
+    assert set(data["pareto"]) == {"size_mb", "latency_ms_bs4", "latency_ms_bs64"}
+    md = (run / "report" / "report.md").read_text()
+    assert "| bs4 ms | bs64 ms | × smaller | × faster bs4 | × faster bs64 |" in md and "bs32" not in md
+
+
+def test_report_without_matplotlib_names_the_extra(capsys, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "evaluation").mkdir(parents=True)
+    (run / "evaluation" / "results.json").write_text(json.dumps([_row("teacher", "torch-fp32", 0.91, 400, 50, 700)]))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = cli(capsys, "report", run)
+    assert code == 2 and "pip install 'dpq[report]'" in err and not (run / "report").exists()
+
+
 def test_report_without_evaluation_is_refused(capsys, tmp_path):
     code, _, err = cli(capsys, "report", tmp_path)
     assert code == 2 and "evaluation/results.json" in err
@@ -75,6 +102,12 @@ def test_predict_torch_and_onnx_agree_and_survive_hostile_text(exported):
     assert [p.truncated for p in a] == [False, False, False, False, True]  # 100k x's are one (unknown) word
     with pytest.raises(DpqError, match="text 2 is a int"):
         load(q).predict(["ok", 3])
+
+
+def test_onnx_folder_without_onnxruntime_names_the_extra(exported, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(DpqError, match=r"needs onnxruntime, which is not installed: pip install 'dpq\[onnx\]'"):
+        load(exported[1])
 
 
 def test_predict_cli_texts_file_and_mistakes(capsys, tmp_path, exported):

@@ -67,9 +67,15 @@ class TextData:
         return len(self.label_names)
 
     def split(self, name: str) -> Split:
+        name = canonical_split(name) or name
         if name not in self.splits:
             raise DpqError(f"{self.source}: no '{name}' split (found: {', '.join(sorted(self.splits)) or 'none'})")
         return self.splits[name]
+
+
+def canonical_split(name: str) -> str | None:
+    """The split ``name`` reads as ('train' or 'dev': validation, valid and val are the dev split), else None."""
+    return next((s for s, aliases in SPLIT_NAMES.items() if name in aliases), None)
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -222,12 +228,14 @@ def load_files(train: Path | None, dev: Path | None, *, labels: list[str] | None
 
 
 def load_hub(spec: str, *, labels: list[str] | None = None) -> TextData:
+    import datasets
+    from datasets.exceptions import DatasetsError
+
     name, _, config = spec.partition(":")
     try:
-        import datasets
-
         ds = datasets.load_dataset(name, config or None)
-    except Exception as e:  # offline, unknown id, gated: one line, not the library's traceback
+    # offline or unreachable, unknown or gated id (OSError), unknown config (ValueError), unusable files on the Hub
+    except (OSError, ValueError, DatasetsError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DpqError(f"data '{spec}': not a local path and could not be loaded from the Hugging Face Hub ({first[:200]})") from None
     splits = {}
@@ -258,6 +266,10 @@ def load_data(spec: str | os.PathLike, *, labels: list[str] | None = None, skip_
     """Load ``spec``: a folder of split files, ``TRAIN,DEV`` file paths, or a hub id like ``nyu-mll/glue:sst2``."""
     spec_s = str(spec)
     path = Path(spec_s).expanduser()
+    unknown = [s for s in need if canonical_split(s) is None]
+    if unknown:
+        raise DpqError(f"no '{unknown[0]}' split: dpq reads {', '.join(n for a in SPLIT_NAMES.values() for n in a)}")
+    need = [canonical_split(s) for s in need]
     if path.is_dir():
         found = {s: _find_split_file(path, s) for s in SPLIT_NAMES}
         for s in need:

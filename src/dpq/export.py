@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import DpqError
+from .extras import require
 
 log = logging.getLogger("dpq")
 
@@ -29,6 +30,9 @@ class _LogitsOnly(torch.nn.Module):
 
 def export_onnx(model, path: Path, *, opset: int = 17) -> Path:
     """fp32 ONNX with dynamic batch/sequence axes (TorchScript-based exporter: stable graph, no onnxscript needed)."""
+    require("onnx", "ONNX export")
+    from torch.onnx.errors import OnnxExporterError
+
     path = Path(path)
     model = model.eval()
     impl = getattr(model.config, "_attn_implementation", None)
@@ -45,7 +49,7 @@ def export_onnx(model, path: Path, *, opset: int = 17) -> Path:
                               output_names=["logits"], opset_version=opset, dynamo=False,
                               dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                                             "logits": {0: "batch"}})
-    except Exception as e:  # an exporter failure is a limitation of this architecture, said in one line
+    except OnnxExporterError as e:  # an operator or construct of this architecture the exporter cannot express
         raise DpqError(f"ONNX export failed for {model.config.model_type}: {str(e).splitlines()[0][:200]}") from None
     finally:
         if impl == "sdpa" and hasattr(model, "set_attn_implementation"):
@@ -91,6 +95,7 @@ def load_onnx_folder(folder: Path, threads: int | None = None):
     from . import artifacts, models
 
     folder = Path(folder)
+    require("onnx", f"{folder}: running an ONNX export")
     if artifacts.is_complete(folder):
         artifacts.verify(folder, ["model.onnx"])
     info = json.loads((folder / "export.json").read_text())

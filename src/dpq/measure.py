@@ -86,19 +86,6 @@ def gflops_per_example(model, seq_len: int) -> float:
 
 
 @torch.no_grad()
-def latency_ms(run, *, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of ``run()`` in ms after ``warmup`` calls."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-@torch.no_grad()
 def interleaved_latency_ms(fns: list[dict], *, rounds: int = 6, repeats: int = 5, warmup: int = 3) -> list[dict]:
     """Median ms of each callable in ``fns`` (one dict of named callables per model), timed round-robin.
 
@@ -118,12 +105,6 @@ def interleaved_latency_ms(fns: list[dict], *, rounds: int = 6, repeats: int = 5
                     fn()
                     smp[key].append((time.perf_counter() - t) * 1e3)
     return [{k: statistics.median(v) for k, v in smp.items()} for smp in samples]
-
-
-def torch_latency_ms(model, batch_size: int, seq_len: int, *, warmup: int = 3, repeats: int = 10) -> float:
-    model.eval()
-    batch = dummy_batch(model, batch_size, seq_len)
-    return latency_ms(lambda: model(**batch), warmup=warmup, repeats=repeats)
 
 
 def hardware() -> dict:

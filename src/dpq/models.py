@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from . import artifacts
@@ -140,6 +141,18 @@ def _is_dpq_artifact(path: str) -> bool:
     return Path(path).is_dir() and artifacts.is_complete(Path(path))
 
 
+def _check_safetensors(folder: Path) -> None:
+    """A folder without a manifest has no checksums to verify: read each weight file's header instead, so a file
+    cut short is refused by name rather than as a traceback from deep inside ``from_pretrained``."""
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise DpqError(f"{f}: damaged or cut short ({msg})") from None
+
+
 def load_tokenizer(model_id: str):
     src = resolve(model_id)
     try:
@@ -154,6 +167,8 @@ def load_classifier(model_id: str, *, num_labels: int | None = None, label_names
     src = resolve(model_id)
     if _is_dpq_artifact(src):
         artifacts.verify(Path(src), [f for f in WEIGHT_FILES if (Path(src) / f).exists()] + ["config.json"])
+    elif Path(src).is_dir():
+        _check_safetensors(Path(src))
     kwargs = {}
     if label_names is not None:
         kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
@@ -175,7 +190,7 @@ def load_classifier(model_id: str, *, num_labels: int | None = None, label_names
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
                 src, config=config, attn_implementation="eager" if eager_attention else None)
-    except (OSError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         if isinstance(e, OSError) and not Path(src).is_dir():
             raise _hub_error(model_id, e) from None

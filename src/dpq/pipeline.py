@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
 from . import artifacts, devices, locks
 from .data import TextData, load_data
 from .errors import DpqError
+from .extras import require
 from .recipe import Recipe, dump_recipe, load_recipe
 from .stages import check_writable, distill_stage, prune_stage, evaluate_dirs, finetune_stage, format_table, work_dir_for
 from .stages_quant import export_stage, quantize_stage
@@ -133,8 +135,9 @@ class Pipeline:
     def _evaluate(self, dirs: list[Path], settings: dict) -> Path:
         rows = evaluate_dirs(dirs, self.data, self.recipe.evaluate)
         teacher = rows[0]
+        latency = [k for k in teacher if re.fullmatch(r"latency_ms_bs\d+", k)]
         for row in rows:
-            for k in ("size_mb", "params", "gflops", "latency_ms_bs1", "latency_ms_bs32"):
+            for k in ("size_mb", "params", "gflops", *latency):
                 if teacher.get(k) and row.get(k):
                     row[f"{k}_vs_teacher"] = round(row[k] / teacher[k], 4)
         out = self.run_dir / "evaluation"
@@ -159,6 +162,10 @@ def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | N
                device: str | None = None) -> Path:
     recipe = load_recipe(path, profile)
     devices.set_choice(device or recipe.device)
+    # the last stages need the optional extras: a missing one is said now, not after hours of training
+    if recipe.export.enabled and recipe.export.precisions:
+        require("onnx", "the recipe's export stages (export.precisions)")
+    require("report", "the run's report")
     data = data or os.environ.get("DPQ_DATA")
     if data:
         recipe.data.path = data

@@ -158,6 +158,9 @@ class ExportSettings:
     int8_weights: str = opt("auto", "int8: s8 (U8S8, reduce_range) | u8 (U8U8) | auto (chosen for this CPU)",
                             choices=("auto", "s8", "u8"))
 
+    def __post_init__(self):
+        _check_list("export.precisions", self.precisions, ("fp32", "int8", "int4"))
+
 
 @dataclass
 class EvaluateSettings:
@@ -166,6 +169,18 @@ class EvaluateSettings:
     latency_rounds: int = opt(5, "rounds over all models, interleaved so machine load hits them alike", min=1)
     warmup: int = opt(3, "untimed runs before timing", min=0)
     batch_sizes: list = opt([1, 32], "batch sizes to time")
+
+    def __post_init__(self):
+        from .data import SPLIT_NAMES, canonical_split
+
+        if canonical_split(self.split) is None:
+            names = [n for aliases in SPLIT_NAMES.values() for n in aliases]
+            raise DpqError(f"evaluate.split: {self.split!r} is not a split dpq reads (one of {', '.join(names)})"
+                           f"{_did_you_mean(str(self.split), names)}")
+        if not self.batch_sizes or not all(type(b) is int and b >= 1 for b in self.batch_sizes):
+            raise DpqError(f"evaluate.batch_sizes: a list of integers >= 1 (got {self.batch_sizes!r})")
+        if len(set(self.batch_sizes)) != len(self.batch_sizes):
+            raise DpqError(f"evaluate.batch_sizes: {self.batch_sizes} names one size twice")
 
 
 STAGES = {"teacher": TeacherSettings, "baseline": BaselineSettings, "distill": DistillSettings, "prune": PruneSettings,
@@ -311,7 +326,30 @@ def load_recipe(path: str | os.PathLike, profile: str | None = None, overrides: 
     recipe.data = build(DataSettings, raw.get("data", {}) or {}, "data")
     for name, cls in STAGES.items():
         setattr(recipe, name, build(cls, raw.get(name, {}) or {}, name))
+    check_recipe(recipe)
     return recipe
+
+
+def check_recipe(r: Recipe) -> None:
+    """Mistakes that involve more than one setting: found when the recipe loads, not after hours of training."""
+    q, e, p = r.quantize, r.export, r.prune
+    qat = q.enabled and "qat" in q.methods
+    if qat and not q.symmetric:
+        raise DpqError("quantize.symmetric: QAT learns symmetric step sizes (LSQ); set symmetric: true "
+                       "or drop qat from quantize.methods")
+    if qat and q.ensemble and (q.hidden_weight > 0 or q.attention_weight > 0):
+        raise DpqError("quantize.ensemble: ensemble distillation uses logits only; "
+                       "set quantize.hidden_weight and quantize.attention_weight to 0")
+    if e.enabled and "int4" in e.precisions:
+        # int4 files store the quantize stages' 4-bit codes: without them the pipeline would export nothing
+        if not q.enabled or not q.methods:
+            raise DpqError("export.precisions: int4 exports the quantize stages' 4-bit models, but no quantize "
+                           "stage runs (enable quantize or drop int4)")
+        if q.bits != 4:
+            raise DpqError(f"export.precisions: int4 needs quantize.bits: 4 (got {q.bits}); drop int4 or quantize "
+                           "to 4 bits")
+    if p.enabled and p.prune_start > p.prune_end:
+        raise DpqError(f"prune.prune_start ({p.prune_start}) must not be after prune.prune_end ({p.prune_end})")
 
 
 def dump_recipe(recipe: Recipe) -> str:

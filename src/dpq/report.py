@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 from pathlib import Path
 
 from . import artifacts
 from .errors import DpqError
+from .extras import require
 
 log = logging.getLogger("dpq")
 
 STAGES = {"teacher": "teacher", "baseline": "baseline (no KD)", "distilled": "distill", "pruned": "prune"}
-COSTS = {"size_mb": "on-disk size (MB)", "latency_ms_bs1": "latency, batch 1 (ms)",
-         "latency_ms_bs32": "latency, batch 32 (ms)"}
+LATENCY = re.compile(r"latency_ms_bs(\d+)")
+
+
+def batch_sizes(results: list[dict]) -> list[int]:
+    """The batch sizes every model was timed at (``evaluate.batch_sizes``), ascending."""
+    timed = [{int(m[1]) for k in r if (m := LATENCY.fullmatch(k))} for r in results]
+    return sorted(set.intersection(*timed)) if timed else []
+
+
+def costs(sizes: list[int]) -> dict[str, str]:
+    return {"size_mb": "on-disk size (MB)", **{f"latency_ms_bs{b}": f"latency, batch {b} (ms)" for b in sizes}}
 
 
 def stage_of(name: str) -> str:
@@ -46,15 +57,16 @@ def pareto(rows: list[dict], cost: str) -> list[str]:
 
 def build_rows(results: list[dict]) -> list[dict]:
     teacher = next((r for r in results if r["name"] == "teacher"), results[0])
+    sizes = batch_sizes(results)
     rows = []
     for r in results:
         row = {"name": r["name"], "stage": stage_of(r["name"]), "runtime": r["runtime"], "accuracy": r["accuracy"],
                "params": r["params"], "size_mb": r["size_mb"], "gflops": r["gflops"],
-               "latency_ms_bs1": r["latency_ms_bs1"], "latency_ms_bs32": r["latency_ms_bs32"],
+               **{f"latency_ms_bs{b}": r[f"latency_ms_bs{b}"] for b in sizes},
                "accuracy_vs_teacher": round(r["accuracy"] - teacher["accuracy"], 4),
                "smaller_than_teacher": round(teacher["size_mb"] / r["size_mb"], 2),
-               "faster_than_teacher_bs1": round(teacher["latency_ms_bs1"] / r["latency_ms_bs1"], 2),
-               "faster_than_teacher_bs32": round(teacher["latency_ms_bs32"] / r["latency_ms_bs32"], 2)}
+               **{f"faster_than_teacher_bs{b}": round(teacher[f"latency_ms_bs{b}"] / r[f"latency_ms_bs{b}"], 2)
+                  for b in sizes}}
         if r.get("kernels"):
             row["kernels"] = r["kernels"]
         rows.append(row)
@@ -63,16 +75,17 @@ def build_rows(results: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], fronts: dict[str, list[str]], hardware: dict) -> str:
     on_front = set().union(*fronts.values()) if fronts else set()
-    head = ("| model | stage | runtime | accuracy | Δ vs teacher | params | size MB | GFLOPs | bs1 ms | bs32 ms | "
-            "× smaller | × faster bs1 | × faster bs32 |")
-    lines = [head, "|" + " --- |" * 3 + " ---: |" * 10]
+    sizes = batch_sizes(rows)
+    head = ("| model | stage | runtime | accuracy | Δ vs teacher | params | size MB | GFLOPs | "
+            + "".join(f"bs{b} ms | " for b in sizes) + "× smaller | " + "".join(f"× faster bs{b} | " for b in sizes))
+    lines = [head.rstrip(), "|" + " --- |" * 3 + " ---: |" * (6 + 2 * len(sizes))]
     for r in rows:
         mark = " ★" if r["name"] in on_front else ""
+        lat = "".join(f"{r[f'latency_ms_bs{b}']:.{2 if b == 1 else 1}f} | " for b in sizes)
+        faster = "".join(f"{r[f'faster_than_teacher_bs{b}']:.1f} | " for b in sizes)
         lines.append(f"| {r['name']}{mark} | {r['stage']} | {r['runtime']} | {r['accuracy']:.4f} | "
                      f"{100 * r['accuracy_vs_teacher']:+.1f} pt | {r['params'] / 1e6:.1f} M | {r['size_mb']:.1f} | "
-                     f"{r['gflops']:.3f} | {r['latency_ms_bs1']:.2f} | {r['latency_ms_bs32']:.1f} | "
-                     f"{r['smaller_than_teacher']:.1f} | {r['faster_than_teacher_bs1']:.1f} | "
-                     f"{r['faster_than_teacher_bs32']:.1f} |")
+                     f"{r['gflops']:.3f} | {lat}{r['smaller_than_teacher']:.1f} | {faster}".rstrip())
     hw = f"{hardware.get('cpu', '?')}, {hardware.get('threads', '?')} threads, torch {hardware.get('torch', '?')}"
     lines += ["", f"★ on the accuracy/size or accuracy/latency Pareto front. Measured on {hw}; latency is the median "
               "of repeated runs after warm-up, all models timed round-robin in one process, at the dev split's mean "
@@ -87,7 +100,7 @@ def plots(rows: list[dict], fronts: dict[str, list[str]], folder: Path) -> list[
     import matplotlib.pyplot as plt
 
     names = []
-    for cost, label in COSTS.items():
+    for cost, label in costs(batch_sizes(rows)).items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in rows:
             on = r["name"] in fronts[cost]
@@ -130,8 +143,9 @@ def write_report(run_dir: Path) -> Path:
         raise DpqError(f"{results_path}: not valid JSON") from None
     if not results:
         raise DpqError(f"{results_path}: holds no models")
+    require("report", "the report's plots")
     rows = build_rows(results)
-    fronts = {cost: pareto(rows, cost) for cost in COSTS}
+    fronts = {cost: pareto(rows, cost) for cost in costs(batch_sizes(rows))}
     hardware = results[0].get("hardware", {})
     out = run_dir / "report"
     with artifacts.artifact_dir(out, kind="report", settings={"results": artifacts.sha256_file(results_path)}) as tmp:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .fake import QTensor, has_fp16_scales, is_symmetric, pack_int4
-from .onnx_quant import _int4_onnx, _key, int8_onnx
+from .onnx_quant import _key, int4_onnx, int8_onnx
 
 log = logging.getLogger("dpq")
 
@@ -167,7 +167,7 @@ def int4_int8_kernels_onnx(fp32_onnx: Path, out: Path, weights: dict[str, tuple[
         info = int8_onnx(fp32_onnx, tmp / "int8.onnx", weight_type=weight_type, embeddings=False,
                          fuse_embeddings=False, keep_source=source)
         # embeddings: 4-bit GatherBlockQuantized; the Linear weights are int8 by now, so only the tables match
-        gathers = _int4_onnx(tmp / "int8.onnx", tmp / "gathers.onnx", weights, accuracy_level=0)
+        gathers = int4_onnx(tmp / "int8.onnx", tmp / "gathers.onnx", weights, accuracy_level=0)
         fp32_inits = {t.name: t for t in onnx.load(str(source)).graph.initializer}
         model = onnx.load(str(tmp / "gathers.onnx"))
     g = model.graph

@@ -66,50 +66,15 @@ def _attrs(node) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _fuse_for_int4(fp32_onnx: Path, tmp: Path) -> Path | None:
-    """The fp32 graph with attention fused into ``MultiHeadAttention`` (Q/K/V MatMuls kept, so their weights can
-    still become MatMulNBits), SkipLayerNorm and BiasGelu; embeddings left as Gathers for GatherBlockQuantized.
-    None when the fusion fails or changes the logits."""
-    import onnx
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    try:
-        model = onnx.load(str(fp32_onnx))
-        _explicit_heads(model)
-        onnx.save(model, str(tmp / "heads.onnx"))
-        opts = FusionOptions("bert")
-        opts.use_multi_head_attention = True
-        opts.enable_embed_layer_norm = False
-        opt = optimize_model(str(tmp / "heads.onnx"), model_type="bert", num_heads=0, hidden_size=0, opt_level=1,
-                             use_gpu=False, optimization_options=opts)
-        fused = tmp / "fused.onnx"
-        opt.save_model_to_file(str(fused))
-        if not any(n.op_type == "MultiHeadAttention" for n in opt.model.graph.node) or not _agree(fp32_onnx, fused):
-            return None
-        return fused
-    except Exception as e:  # keep the unfused graph rather than fail
-        log.warning("int4: attention fusion dropped (%s)", str(e).splitlines()[0][:160])
-        return None
-
-
 def int4_onnx(fp32_onnx: Path, out: Path, weights: dict[str, tuple[torch.Tensor, QTensor]], *,
-              accuracy_level: int = 4, fuse: bool = False) -> dict:
-    """``fuse``: fuse attention into MultiHeadAttention first. Off by default: measured on this project's CPU
-    (pruned MiniLM, batch 32 x 25, 2 threads) 33-36 ms fused vs 27-29 ms unfused."""
-    with tempfile.TemporaryDirectory() as tmp:
-        fused = _fuse_for_int4(Path(fp32_onnx), Path(tmp)) if fuse else None
-        info = _int4_onnx(fused or Path(fp32_onnx), out, weights, accuracy_level=accuracy_level)
-    return dict(info, fused_attention=fused is not None)
-
-
-def _int4_onnx(fp32_onnx: Path, out: Path, weights: dict[str, tuple[torch.Tensor, QTensor]], *,
-               accuracy_level: int = 4) -> dict:
+              accuracy_level: int = 4) -> dict:
     """Rewrite the fp32 export so the given weights are stored as their 4-bit codes.
 
     ``weights``: name -> (W, q), W [rows, cols] as in PyTorch and equal to ``q.dequantize()``. MatMul (B = W.T)
     and Gemm (A·Wᵀ + bias) become MatMulNBits, Gather on an embedding table becomes GatherBlockQuantized
     (uint8 data with bits=4). Anything else is left fp32 and listed in ``left_fp32`` as "name: why".
+    The graph is not attention-fused first: fused into MultiHeadAttention it measured slower on this project's CPU
+    (pruned MiniLM, batch 32 x 25, 2 threads: 33-36 ms against 27-29 ms; BENCHMARKS.md, ONNX kernels).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -384,13 +349,12 @@ def _agree(a: Path, b: Path) -> bool:
     return bool(np.abs(outs[0] - outs[1]).max() <= 1e-3 * max(1.0, float(np.abs(outs[0]).max())))
 
 
-def int8_onnx(fp32_onnx: Path, out: Path, *, weight_type: str = "auto", optimize: bool = True, num_heads: int = 0,
-              hidden_size: int = 0, embeddings: bool = True, fuse_embeddings: bool = True,
-              keep_source: Path | None = None) -> dict:
+def int8_onnx(fp32_onnx: Path, out: Path, *, weight_type: str = "auto", embeddings: bool = True,
+              fuse_embeddings: bool = True, keep_source: Path | None = None) -> dict:
     """Dynamic int8 (per-channel weights, activations quantized at run time) of MatMul/Attention weights.
 
-    ``num_heads``/``hidden_size`` are only a fallback: each layer's heads are read from its weights, so pruned
-    layers with different head counts fuse too. A fused graph that does not reproduce the fp32 logits is dropped.
+    Attention is fused first, each layer's heads read from its weights, so pruned layers with different head
+    counts fuse too. A fused graph that does not reproduce the fp32 logits is dropped.
     ``fuse_embeddings=False`` keeps the embedding lookups as Gathers; ``keep_source`` receives a copy of the fp32
     graph that was quantized (its initializer ``X`` became ``X_quantized``).
     """
@@ -409,30 +373,29 @@ def int8_onnx(fp32_onnx: Path, out: Path, *, weight_type: str = "auto", optimize
     fused = False
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(fp32_onnx)
-        if optimize:
-            try:
-                from onnxruntime.transformers.optimizer import optimize_model
+        try:
+            from onnxruntime.transformers.optimizer import optimize_model
 
-                model = onnx.load(str(src))
-                _explicit_heads(model)
-                onnx.save(model, str(Path(tmp) / "heads.onnx"))
-                # level 1 only: level 2 adds CPU-specific fusions (FusedMatMul, ...) the quantizer cannot handle
-                from onnxruntime.transformers.fusion_options import FusionOptions
+            model = onnx.load(str(src))
+            _explicit_heads(model)
+            onnx.save(model, str(Path(tmp) / "heads.onnx"))
+            # level 1 only: level 2 adds CPU-specific fusions (FusedMatMul, ...) the quantizer cannot handle
+            from onnxruntime.transformers.fusion_options import FusionOptions
 
-                opts = FusionOptions("bert")
-                opts.enable_embed_layer_norm = fuse_embeddings
-                opts.enable_skip_layer_norm = False  # see SLOW_FUSIONS: the session decides, by timing
-                opt = optimize_model(str(Path(tmp) / "heads.onnx"), model_type="bert", num_heads=num_heads,
-                                     hidden_size=hidden_size, opt_level=1, use_gpu=False, optimization_options=opts)
-                fused_path = Path(tmp) / "fused.onnx"
-                opt.save_model_to_file(str(fused_path))
-                if not _agree(src, fused_path):
-                    raise RuntimeError("the fused graph does not reproduce the fp32 logits")
-                fused = any(n.op_type == "Attention" for n in opt.model.graph.node)
-                src = fused_path
-            except Exception as e:  # quantize the unfused graph rather than fail or ship a wrong fusion
-                log.warning("attention fusion dropped (%s), quantizing the unfused graph", str(e).splitlines()[0][:160])
-                src, fused = Path(fp32_onnx), False
+            opts = FusionOptions("bert")
+            opts.enable_embed_layer_norm = fuse_embeddings
+            opts.enable_skip_layer_norm = False  # see SLOW_FUSIONS: the session decides, by timing
+            opt = optimize_model(str(Path(tmp) / "heads.onnx"), model_type="bert", num_heads=0,
+                                 hidden_size=0, opt_level=1, use_gpu=False, optimization_options=opts)
+            fused_path = Path(tmp) / "fused.onnx"
+            opt.save_model_to_file(str(fused_path))
+            if not _agree(src, fused_path):
+                raise RuntimeError("the fused graph does not reproduce the fp32 logits")
+            fused = any(n.op_type == "Attention" for n in opt.model.graph.node)
+            src = fused_path
+        except Exception as e:  # quantize the unfused graph rather than fail or ship a wrong fusion
+            log.warning("attention fusion dropped (%s), quantizing the unfused graph", str(e).splitlines()[0][:160])
+            src, fused = Path(fp32_onnx), False
         # contrib ops from the fusion have no ONNX type inference: their outputs are fp32 in this graph
         # embeddings too (uint8 table, dequantized after the lookup): otherwise they are 3/4 of the int8 file
         ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if embeddings else [])
