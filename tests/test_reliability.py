@@ -59,9 +59,12 @@ def test_sigkill_at_a_random_step_resumes_to_the_same_model(tmp_path, tiny_model
     r = subprocess.run(_teacher_cmd(tiny_models["student"], sst2_slice, ref), capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
 
+    seed = int(os.environ.get("DPQ_TEST_SEED", time.time_ns() % 1_000_000))
+    kill_at = random.Random(seed).randint(2, 200)
+    print(f"killed at step >= {kill_at} (DPQ_TEST_SEED={seed} repeats it)")  # shown by pytest when the test fails
     out = tmp_path / "killed"
     proc = _start_and_interrupt(_teacher_cmd(tiny_models["student"], sst2_slice, out), tmp_path / ".killed.work",
-                                signal.SIGKILL, env, min_step=random.Random().randint(2, 200))
+                                signal.SIGKILL, env, min_step=kill_at)
     assert proc.returncode == -signal.SIGKILL
     assert not artifacts.is_complete(out)  # nothing that looks finished
     assert not any(p.name.startswith(".killed.tmp") and (p / "manifest.json").exists() for p in tmp_path.iterdir())

@@ -143,3 +143,30 @@ def test_head_initialisation_follows_the_seed_not_the_process(tiny_models, sst2_
         outs.append(finetune_stage(s, s.model, data, tmp_path / f"t{i}", kind="teacher", stage_settings={}))
     a, b = (load_file(str(o / "model.safetensors")) for o in outs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.filterwarnings("ignore:.pin_memory. argument")
+def test_the_gpu_loop_options_run_and_resume_on_the_cpu(setup, tmp_path, monkeypatch):
+    """What only a GPU turns on (bf16 autocast, fused AdamW, worker-collated pinned batches, checkpoints by wall
+    time, loss read once per row), exercised here where CI can see it: the loop is told it has a GPU and gets the
+    CPU, where every one of those also works."""
+    from dpq import devices
+
+    monkeypatch.setattr(devices, "use_cuda", lambda: True)
+    monkeypatch.setattr(devices, "device", lambda: torch.device("cpu"))
+    cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=32, seed=7, log_every=2, checkpoint_minutes=1e-9)
+    model, ds, pads = setup()
+    train(model, ce_loss(model), ds, pads, cfg, tmp_path / "a")
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 7, 8, 10, 12, 14]  # every log_every steps, and at epoch ends
+    model, ds, pads = setup()
+    with pytest.raises(_StopForTest):
+        train(model, ce_loss(model), ds, pads, cfg, tmp_path / "b", stop_after_steps=5)
+    # checkpoints by time are decided at log rows: with a deadline already past, every row saves one
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert (tmp_path / "b" / "checkpoint.prev").is_dir()  # the generation before it, kept for a damaged newest
+    model, ds, pads = setup()
+    train(model, ce_loss(model), ds, pads, cfg, tmp_path / "b")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=k)
