@@ -18,7 +18,8 @@ from pathlib import Path
 from dpq import models
 from dpq.data import load_data
 from dpq.pipeline import run_stage
-from dpq.recipe import BaselineSettings, DistillSettings
+from dpq.recipe import BaselineSettings, DataSettings, DistillSettings
+from dpq.registry import stage_key
 from dpq.stages import distill_stage, finetune_stage
 
 STUDENT = "sentence-transformers/all-MiniLM-L6-v2"
@@ -39,20 +40,23 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="dpq: %(message)s")
     run, data = Path(args.run), load_data(args.data)
+    data_key = dataclasses.asdict(DataSettings(path=args.data))
     bench = run / "bench-kd"
     acc: dict[str, list[float]] = {}
     for seed in args.seeds:
         base = BaselineSettings(epochs=1, lr=1e-4, max_train_samples=args.max_train_samples, seed=seed)
         out = bench / f"no-kd-s{seed}"
-        st = dict(dataclasses.asdict(base), model=STUDENT, data=args.data)
-        run_stage(out.name, out, st, lambda: finetune_stage(base, STUDENT, data, out, kind="baseline", stage_settings=st))
+        st = stage_key(base, data=data_key, inputs={"model": STUDENT})
+        run_stage(out.name, out, st, lambda: finetune_stage(base, STUDENT, data, out, kind="baseline", stage_settings=st),
+                  trains=True)
         acc.setdefault("no-kd", []).append(models.read_metrics(out)["accuracy"])
         for name in args.only or list(CONFIGS):
             s = DistillSettings(epochs=1, lr=1e-4, max_train_samples=args.max_train_samples, seed=seed, **CONFIGS[name])
             out_k = bench / f"{name}-s{seed}"
-            st_k = dict(dataclasses.asdict(s), data=args.data, teacher=str(run / "teacher"))
+            st_k = stage_key(s, data=data_key, inputs={"teacher": run / "teacher"})
             run_stage(out_k.name, out_k, st_k,
-                      lambda s=s, out_k=out_k, st_k=st_k: distill_stage(s, run / "teacher", data, out_k, stage_settings=st_k))
+                      lambda s=s, out_k=out_k, st_k=st_k: distill_stage(s, run / "teacher", data, out_k,
+                                                                        stage_settings=st_k), trains=True)
             acc.setdefault(name, []).append(models.read_metrics(out_k)["accuracy"])
     print(f"\n| student (MiniLM-L6, {args.max_train_samples} sentences, 1 epoch) | "
           + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | ± half-range |")

@@ -22,7 +22,8 @@ import torch
 from dpq import export, load_model, measure
 from dpq.data import encode_split, load_data
 from dpq.pipeline import run_stage
-from dpq.recipe import PruneSettings
+from dpq.recipe import DataSettings, PruneSettings
+from dpq.registry import stage_key
 from dpq.stages import pad_ids, prune_stage
 
 CONFIGS = {  # name: (heads, ffn, importance, allocation)
@@ -65,10 +66,11 @@ def main() -> None:
         heads, ffn, imp, alloc = CONFIGS[name]
         s = PruneSettings(heads=heads, ffn=ffn, importance=imp, allocation=alloc,
                           max_train_samples=args.max_train_samples, epochs=args.epochs)
-        settings = dict(dataclasses.asdict(s), data=args.data)
+        settings = stage_key(s, data=dataclasses.asdict(DataSettings(path=args.data)),
+                             inputs={"teacher": run / "teacher", "model": run / "distilled"})
         out = run / "bench-prune" / name
         run_stage(name, out, settings, lambda: prune_stage(s, run / "distilled", run / "teacher", data, out,
-                                                           stage_settings=settings))
+                                                           stage_settings=settings), trains=True)
 
     rows, fns = [], []
     dev = data.split("dev")

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from dpq.data import load_data
 from dpq.pipeline import run_stage
-from dpq.recipe import EvaluateSettings, ExportSettings, QuantizeSettings
+from dpq.quant.methods import TRAINED
+from dpq.recipe import DataSettings, EvaluateSettings, ExportSettings, QuantizeSettings
+from dpq.registry import stage_key
 from dpq.stages import evaluate_dirs
 from dpq.stages_quant import export_stage, quantize_stage
 
@@ -75,19 +77,20 @@ def main() -> None:
                                  max_train_samples=args.max_train_samples,
                                  epochs=args.epochs, **over, **({"seed": seed} if seed is not None else {}))
             label = name + (f"-s{seed}" if seed is not None else "")
-            st = dict(dataclasses.asdict(s), method=method, data=args.data, source=str(source))
+            st = stage_key(s, data=dataclasses.asdict(DataSettings(path=args.data)), choice={"method": method},
+                           inputs={"teacher": run / "teacher", "model": source})
             out = bench / label
             run_stage(label, out, st, lambda s=s, method=method, out=out, st=st: quantize_stage(
-                s, method, source, run / "teacher", data, out, stage_settings=st))
+                s, method, source, run / "teacher", data, out, stage_settings=st), trains=method in TRAINED)
             made.append((label, out, seed))
 
     es = ExportSettings(accuracy_level=args.accuracy_level, int4_kernels=args.int4_kernels)
     onnx_dirs = []
     for prec, label, src in [("fp32", "fp32", source), ("int8", "int8", source)] + [("int4", l, d) for l, d, _ in made]:
         out = bench / f"onnx-{label}"
-        st = dict(dataclasses.asdict(es), precision=prec, source=str(src))
+        st = stage_key(es, choice={"precision": prec}, inputs={"model": src})
         run_stage(f"export {label}", out, st, lambda prec=prec, src=src, out=out, st=st: export_stage(
-            es, prec, src, out, stage_settings=st))
+            es, prec, src, out, stage_settings=st), trains=False)
         onnx_dirs.append(out)
 
     rows = evaluate_dirs(onnx_dirs, data, EvaluateSettings(latency_rounds=args.rounds, latency_repeats=args.repeats))

@@ -129,7 +129,10 @@ evaluate: {{latency_repeats: 1, warmup: 0}}
     rows = json.loads((run / "evaluation" / "results.json").read_text())
     assert [r["name"] for r in rows] == ["teacher", "baseline", "distilled", "pruned", *exports]
     assert rows[3]["params"] < rows[2]["params"] and rows[3]["gflops"] < rows[2]["gflops"]
-    assert rows[0]["size_mb_vs_teacher"] == 1.0
+    assert [r["stage"] for r in rows] == ["teacher", "baseline (no KD)", "distill", "prune", "prune → export int8",
+                                          "quantize rtn → export int4", "quantize qat → export int4"]
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["rows"][0]["smaller_than_teacher"] == 1.0  # every ratio to the teacher: one place, the report
     assert [r["runtime"] for r in rows[3:]] == ["torch-fp32", "onnx-int8", "onnx-int4", "onnx-int4"]
     assert rows[5]["gflops"] == rows[3]["gflops"]  # same network, counted from the same structure
 
@@ -167,9 +170,9 @@ evaluate: {{latency_repeats: 1, latency_rounds: 1, warmup: 0, batch_sizes: [2, 4
     code, out, err = run_cli(capsys, "run", recipe, "--out", run)
     assert code == 0, err
     rows = json.loads((run / "evaluation" / "results.json").read_text())
-    assert rows[0]["latency_ms_bs2_vs_teacher"] == rows[0]["latency_ms_bs4_vs_teacher"] == 1.0
-    assert "latency_ms_bs4_vs_teacher" in rows[1] and "latency_ms_bs1" not in rows[1]
+    assert "latency_ms_bs4" in rows[1] and "latency_ms_bs1" not in rows[1]
     report = json.loads((run / "report" / "report.json").read_text())
+    assert report["rows"][0]["faster_than_teacher_bs2"] == report["rows"][0]["faster_than_teacher_bs4"] == 1.0
     assert {"faster_than_teacher_bs2", "faster_than_teacher_bs4"} <= set(report["rows"][1])
     assert report["figures"] == ["accuracy_vs_size.png", "accuracy_vs_bs2.png", "accuracy_vs_bs4.png"]
     assert "| bs2 ms | bs4 ms |" in (run / "report" / "report.md").read_text()

@@ -6,7 +6,7 @@ import pytest
 from dpq import artifacts, load
 from dpq.cli import main
 from dpq.errors import DpqError
-from dpq.report import pareto, stage_of, write_report
+from dpq.report import pareto, write_report
 
 
 def cli(capsys, *args):
@@ -26,9 +26,14 @@ def test_pareto_front():
     assert pareto(rows, "latency_ms_bs32") == ["teacher", "a"]
 
 
-def test_stage_names():
-    assert stage_of("export-int4-quantized-qat") == "quantize qat → export int4"
-    assert stage_of("export-int8-pruned") == "prune → export int8"
+def test_stage_names_come_from_the_plan(tmp_path):
+    from dpq.recipe import Recipe
+    from dpq.registry import plan
+
+    labels = {s.out.name: s.label for s in plan(Recipe(), tmp_path, data=lambda: None)}
+    assert labels["export-int4-quantized-qat"] == "quantize qat → export int4"
+    assert labels["export-int8-pruned"] == "prune → export int8"
+    assert labels["baseline"] == "baseline (no KD)"
 
 
 def test_report_writes_table_json_and_plots(capsys, tmp_path):
@@ -36,6 +41,7 @@ def test_report_writes_table_json_and_plots(capsys, tmp_path):
     (run / "evaluation").mkdir(parents=True)
     rows = [_row("teacher", "torch-fp32", 0.91, 400, 50, 700), _row("distilled", "torch-fp32", 0.89, 90, 8, 90),
             _row("export-int4-quantized-qat", "onnx-int4", 0.88, 7, 3, 40)]
+    rows[-1]["stage"] = "quantize qat → export int4"  # the evaluation writes each row's stage name from the plan
     (run / "evaluation" / "results.json").write_text(json.dumps(rows))
     code, out, err = cli(capsys, "report", run)
     assert code == 0, err

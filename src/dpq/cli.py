@@ -61,6 +61,7 @@ def _load_data(args, need=("train", "dev")):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quant import methods
     from .recipe import DistillSettings, EvaluateSettings, ExportSettings, PruneSettings, QuantizeSettings, TeacherSettings
 
     parser = argparse.ArgumentParser(prog="dpq", description="Distill, Prune, Quantize transformer text classifiers.")
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", parents=[common], help="4/8-bit weights: PTQ (rtn, gptq) or QAT with KD (fixed or GoR loss weights)")
     p.add_argument("--model", required=True, help="fp32 model folder (from `dpq distill` or `dpq prune`)")
     p.add_argument("--out", required=True, help="artifact folder to write (packed model.quant.safetensors)")
-    p.add_argument("--method", required=True, choices=("rtn", "gptq", "qat"), help="round-to-nearest, GPTQ, or QAT with KD")
+    p.add_argument("--method", required=True, choices=methods.choices(),
+                   help="round-to-nearest, GPTQ, QAT with KD, or a method registered in dpq.quant.methods")
     p.add_argument("--teacher", help="teacher artifact folder (QAT: distil from it)")
     p.add_argument("--force", action="store_true", help="redo even if --out is complete with the same settings")
     _data_args(p)
@@ -140,110 +142,95 @@ def _cmd_run(args) -> None:
     run_recipe(args.recipe, profile=args.profile, out=args.out, data=args.data, dry_run=args.dry_run, device=args.device)
 
 
-def _cmd_teacher(args) -> None:
-    import dataclasses as dc
+def _data_key(args, spec: str) -> dict:
+    return {"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows}
 
+
+def _cmd_teacher(args) -> None:
     from .pipeline import run_stage
     from .recipe import TeacherSettings, build
+    from .registry import stage_key
     from .stages import finetune_stage
 
     settings = build(TeacherSettings, _given(args, TeacherSettings), "teacher")
     data, spec = _load_data(args)
-    stage_settings = dict(dc.asdict(settings), data={"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows})
-    out = Path(args.out)
-    run_stage("teacher", out, stage_settings, lambda: finetune_stage(settings, settings.model, data, out, kind="teacher",
-                                                                     stage_settings=stage_settings), force=args.force)
+    key, out = stage_key(settings, data=_data_key(args, spec)), Path(args.out)
+    run_stage("teacher", out, key, lambda: finetune_stage(settings, settings.model, data, out, kind="teacher",
+                                                          stage_settings=key), trains=True, force=args.force)
 
 
 def _cmd_distill(args) -> None:
-    import dataclasses as dc
-
-    from . import artifacts
     from .pipeline import run_stage
     from .recipe import DistillSettings, build
-    from .stages import distill_stage
+    from .registry import stage_key
+    from .stages import distill_stage, require_teacher
 
     settings = build(DistillSettings, _given(args, DistillSettings), "distill")
     teacher = Path(args.teacher)
-    manifest = artifacts.read_manifest(teacher)
-    if manifest is None:
-        raise DpqError(f"{teacher}: no finished teacher here (run `dpq teacher --out {teacher}` first)")
+    require_teacher(teacher)
     data, spec = _load_data(args)
-    stage_settings = dict(dc.asdict(settings), data={"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows},
-                          teacher=manifest.get("settings_hash"))
+    key = stage_key(settings, data=_data_key(args, spec), inputs={"teacher": teacher})
     out = Path(args.out)
-    run_stage("distill", out, stage_settings, lambda: distill_stage(settings, teacher, data, out,
-                                                                    stage_settings=stage_settings), force=args.force)
+    run_stage("distill", out, key, lambda: distill_stage(settings, teacher, data, out, stage_settings=key),
+              trains=True, force=args.force)
 
 
 def _cmd_prune(args) -> None:
-    import dataclasses as dc
-
-    from . import artifacts
     from .pipeline import run_stage
     from .recipe import PruneSettings, build
-    from .stages import prune_stage
+    from .registry import stage_key
+    from .stages import prune_stage, require_model, require_teacher
 
     settings = build(PruneSettings, _given(args, PruneSettings, skip=("enabled",)), "prune")
     model, teacher = Path(args.model), Path(args.teacher)
-    if not (model / "config.json").is_file():
-        raise DpqError(f"{model}: no model folder here (run `dpq distill` first)")
-    if artifacts.read_manifest(teacher) is None:
-        raise DpqError(f"{teacher}: no finished teacher (run `dpq teacher` first)")
+    require_model(model, "run `dpq distill` first")
+    require_teacher(teacher)
     data, spec = _load_data(args)
-    stage_settings = dict(dc.asdict(settings), data={"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows},
-                          teacher=artifacts.read_manifest(teacher).get("settings_hash"),
-                          model=(artifacts.read_manifest(model) or {}).get("settings_hash"))
+    key = stage_key(settings, data=_data_key(args, spec), inputs={"teacher": teacher, "model": model})
     out = Path(args.out)
-    run_stage("prune", out, stage_settings, lambda: prune_stage(settings, model, teacher, data, out,
-                                                                stage_settings=stage_settings), force=args.force)
+    run_stage("prune", out, key, lambda: prune_stage(settings, model, teacher, data, out, stage_settings=key),
+              trains=True, force=args.force)
 
 
 def _cmd_quantize(args) -> None:
-    import dataclasses as dc
-
-    from . import artifacts
     from .pipeline import run_stage
+    from .quant.methods import TRAINED
     from .recipe import QuantizeSettings, build
+    from .registry import stage_key
+    from .stages import require_model, require_teacher
     from .stages_quant import quantize_stage
 
     settings = build(QuantizeSettings, _given(args, QuantizeSettings, skip=("enabled", "methods")), "quantize")
     model = Path(args.model)
-    if not (model / "config.json").is_file():
-        raise DpqError(f"{model}: no model folder here (run `dpq distill` or `dpq prune` first)")
     teacher = Path(args.teacher) if args.teacher else None
-    if args.method == "qat":
+    require_model(model)
+    if args.method in TRAINED:
         if teacher is None:
-            raise DpqError("--method qat distils from a teacher: give --teacher DIR")
-        if artifacts.read_manifest(teacher) is None:
-            raise DpqError(f"{teacher}: no finished teacher (run `dpq teacher` first)")
+            raise DpqError(f"--method {args.method} distils from a teacher: give --teacher DIR")
+        require_teacher(teacher)
     data, spec = _load_data(args)
-    stage_settings = dict(dc.asdict(settings), method=args.method,
-                          data={"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows},
-                          teacher=(artifacts.read_manifest(teacher) or {}).get("settings_hash") if teacher else None,
-                          model=(artifacts.read_manifest(model) or {}).get("settings_hash"))
+    key = stage_key(settings, data=_data_key(args, spec), choice={"method": args.method},
+                    inputs={"teacher": teacher, "model": model})
     out = Path(args.out)
-    run_stage(f"quantize-{args.method}", out, stage_settings, lambda: quantize_stage(settings, args.method, model, teacher, data, out,
-                                                                      stage_settings=stage_settings), force=args.force)
+    run_stage(f"quantize-{args.method}", out, key, lambda: quantize_stage(settings, args.method, model, teacher, data,
+                                                                          out, stage_settings=key),
+              trains=args.method in TRAINED, force=args.force)
 
 
 def _cmd_export(args) -> None:
-    import dataclasses as dc
-
-    from . import artifacts
     from .pipeline import run_stage
     from .recipe import ExportSettings, build
+    from .registry import stage_key
+    from .stages import require_model
     from .stages_quant import export_stage
 
     settings = build(ExportSettings, _given(args, ExportSettings, skip=("enabled", "precisions")), "export")
     model = Path(args.model)
-    if not (model / "config.json").is_file():
-        raise DpqError(f"{model}: no model folder here")
-    stage_settings = dict(dc.asdict(settings), precision=args.precision,
-                          model=(artifacts.read_manifest(model) or {}).get("settings_hash"))
+    require_model(model, "give an fp32 model folder, or a 4-bit one for int4")
+    key = stage_key(settings, choice={"precision": args.precision}, inputs={"model": model})
     out = Path(args.out)
-    run_stage("export", out, stage_settings, lambda: export_stage(settings, args.precision, model, out,
-                                                                  stage_settings=stage_settings), force=args.force)
+    run_stage("export", out, key, lambda: export_stage(settings, args.precision, model, out, stage_settings=key),
+              trains=False, force=args.force)
 
 
 def _cmd_report(args) -> None:

@@ -119,7 +119,7 @@ class QuantizeSettings(KDSettings):
     """4/8-bit weights of the pruned (or distilled) student: PTQ (rtn, gptq) and QAT with KD (the KD settings)."""
 
     enabled: bool = opt(True, "run the quantization stages")
-    methods: list = opt(["gptq", "qat"], "recipe only: one quantize stage per method (rtn | gptq | qat)")
+    methods: list = opt(["gptq", "qat"], "recipe only: one quantize stage per method (rtn | gptq | qat | any registered)")
     bits: int = opt(4, "weight bit width (4 or 8)", choices=(4, 8))
     group_size: int = opt(32, "weights per scale (consecutive input columns of one output row)", choices=(16, 32, 64, 128))
     symmetric: bool = opt(True, "symmetric grid (zero point fixed); --no-symmetric stores a zero point per group (PTQ only)")
@@ -137,7 +137,9 @@ class QuantizeSettings(KDSettings):
     epochs: int = opt(1, "QAT passes over the training data", min=1)
 
     def __post_init__(self):
-        _check_list("quantize.methods", self.methods, ("rtn", "gptq", "qat"))
+        from .quant import methods
+
+        _check_list("quantize.methods", self.methods, methods.choices())
 
     def embedding_bits(self) -> int | None:
         if self.embeddings is None:

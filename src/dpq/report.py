@@ -18,7 +18,6 @@ from .extras import require
 
 log = logging.getLogger("dpq")
 
-STAGES = {"teacher": "teacher", "baseline": "baseline (no KD)", "distilled": "distill", "pruned": "prune"}
 LATENCY = re.compile(r"latency_ms_bs(\d+)")
 
 
@@ -30,18 +29,6 @@ def batch_sizes(results: list[dict]) -> list[int]:
 
 def costs(sizes: list[int]) -> dict[str, str]:
     return {"size_mb": "on-disk size (MB)", **{f"latency_ms_bs{b}": f"latency, batch {b} (ms)" for b in sizes}}
-
-
-def stage_of(name: str) -> str:
-    if name in STAGES:
-        return STAGES[name]
-    if name.startswith("export-"):
-        _, precision, src = name.split("-", 2)
-        src = src.replace("quantized-", "quantize ")
-        return f"{STAGES.get(src, src)} → export {precision}"
-    if name.startswith("quantized-"):
-        return "quantize " + name.removeprefix("quantized-")
-    return name
 
 
 def pareto(rows: list[dict], cost: str) -> list[str]:
@@ -60,7 +47,7 @@ def build_rows(results: list[dict]) -> list[dict]:
     sizes = batch_sizes(results)
     rows = []
     for r in results:
-        row = {"name": r["name"], "stage": stage_of(r["name"]), "runtime": r["runtime"], "accuracy": r["accuracy"],
+        row = {"name": r["name"], "stage": r.get("stage", r["name"]), "runtime": r["runtime"], "accuracy": r["accuracy"],
                "params": r["params"], "size_mb": r["size_mb"], "gflops": r["gflops"],
                **{f"latency_ms_bs{b}": r[f"latency_ms_bs{b}"] for b in sizes},
                "accuracy_vs_teacher": round(r["accuracy"] - teacher["accuracy"], 4),

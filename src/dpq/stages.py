@@ -51,6 +51,17 @@ def check_writable(out: Path) -> None:
         raise DpqError(f"{out}: output folder is not writable")
 
 
+def require_teacher(teacher_dir: Path) -> None:
+    """Input checks, one definition each: the stages call them, and the CLI too before it takes any lock."""
+    if not artifacts.is_complete(Path(teacher_dir)):
+        raise DpqError(f"{teacher_dir}: no finished teacher here (run `dpq teacher` first)")
+
+
+def require_model(model_dir: Path, hint: str = "run `dpq distill` or `dpq prune` first") -> None:
+    if not (Path(model_dir) / "config.json").is_file():
+        raise DpqError(f"{model_dir}: no model folder here ({hint})")
+
+
 def check_space(out: Path, model: nn.Module, copies: int = 6) -> None:
     """Refuse to start when the output disk cannot hold the stage's files: the artifact, the best weights and
     a checkpoint (weights + two AdamW moments) are about ``copies`` times the fp32 weights, plus slack."""
@@ -224,8 +235,7 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
     training (QAT swaps in fake-quantized modules). ``out``: the stage's output, checked for disk space as soon
     as the student's size is known, before any teacher logits are computed.
     """
-    if not artifacts.is_complete(teacher_dir):
-        raise DpqError(f"{teacher_dir}: no finished teacher here (run `dpq teacher` first)")
+    require_teacher(teacher_dir)
     eager = kd_cfg.attention_weight > 0
     teacher, t_tok = models.load_classifier(str(teacher_dir), eager_attention=eager)
     teacher_labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
@@ -320,8 +330,7 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
     """Gradual structured pruning under KD (cubic schedule, masks), recovery training, then real removal."""
     out, model_dir, teacher_dir = Path(out), Path(model_dir), Path(teacher_dir)
     check_writable(out)
-    if not (model_dir / "config.json").is_file():
-        raise DpqError(f"{model_dir}: no finished model here (run `dpq distill` first)")
+    require_model(model_dir, "run `dpq distill` first")
     if settings.prune_start > settings.prune_end:
         raise DpqError(f"prune.prune_start ({settings.prune_start}) must not be after prune_end ({settings.prune_end})")
     ses = kd_session(settings, _kd_config(settings), teacher_dir, str(model_dir), data,
@@ -441,6 +450,18 @@ def evaluate_dirs(dirs: list[Path], data: TextData, settings: EvaluateSettings) 
         log.info("evaluated %s: accuracy %.4f, %.1f MB, %s", row["model"], row["accuracy"], row["size_mb"],
                  ", ".join(f"{k[11:]} {v:.1f} ms" for k, v in t.items()))
     return rows
+
+
+def evaluate_run(dirs: list[Path], labels: dict[str, str], data: TextData, settings, out: Path, key: dict) -> Path:
+    """Every model of a run measured in one pass (ratios within one run), with the report's stage names."""
+    rows = evaluate_dirs(dirs, data, settings)
+    for row in rows:
+        row["stage"] = labels.get(Path(row["model"]).name, row["name"])
+    with artifacts.artifact_dir(out, kind="evaluation", settings=key) as tmp:
+        artifacts.write_json_atomic(tmp / "results.json", rows)
+        (tmp / "results.md").write_text(format_table(rows) + "\n")
+    print(format_table(rows))
+    return out
 
 
 def format_table(rows: list[dict]) -> str:

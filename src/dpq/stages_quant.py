@@ -17,18 +17,18 @@ from . import artifacts, devices, export, measure, models
 from .data import TextData, encode_split
 from .distill import make_weighting
 from .errors import DpqError
-from .quant import packed
+from .quant import methods, packed
+from .quant.methods import TRAINED
 from .quant.fake import QTensor
 from .quant.ptq import QuantConfig, calibration_batches, quantize_model
 from .quant.qat import QATConfig, convert_qat, prepare_qat
 from .quant.vocab import trim_vocab, used_token_ids
 from .recipe import ExportSettings, QuantizeSettings
-from .stages import _kd_config, _state_cloner, check_writable, kd_session, pad_ids, work_dir_for
+from .stages import _kd_config, _state_cloner, check_writable, kd_session, pad_ids, require_model, work_dir_for
 from .train import TrainConfig, train
 
 log = logging.getLogger("dpq")
 
-METHODS = ("rtn", "gptq", "qat")
 PRECISIONS = ("fp32", "int8", "int4")
 
 
@@ -56,53 +56,74 @@ def _trim(model, tok, data: TextData, settings: QuantizeSettings) -> dict:
     return done
 
 
-def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, teacher_dir: Path | None, data: TextData,
-                   out: Path, *, stage_settings: dict, stop_after_steps: int | None = None) -> Path:
-    out, model_dir = Path(out), Path(model_dir)
-    if method not in METHODS:
-        raise DpqError(f"quantize method must be one of {', '.join(METHODS)} (got {method!r})")
-    check_writable(out)
-    if not (model_dir / "config.json").is_file():
-        raise DpqError(f"{model_dir}: no model folder here (run `dpq distill` or `dpq prune` first)")
+def _check_source(model_dir: Path) -> None:
+    require_model(model_dir)
     if (model_dir / packed.FILE).is_file():
         raise DpqError(f"{model_dir}: already quantized; quantize the fp32 model it came from")
-    emb_bits = settings.embedding_bits()
-    meta = {"method": method, "bits": settings.bits, "group_size": settings.group_size, "embeddings": emb_bits,
-            "embedding_group_size": settings.embedding_group_size or settings.group_size,
-            "source": str(model_dir)}
-    t0 = time.time()
-    if method in ("rtn", "gptq"):
-        model, tok = models.load_classifier(str(model_dir))
-        model.eval().to(devices.device())  # GPTQ's Hessians and layer passes are the slow part: on the GPU if any
-        dev = encode_split(data.split("dev"), tok, settings.max_length)
-        before = measure.evaluate_model(model, dev, pad_ids(tok))
-        if settings.trim_vocab:
-            meta.update(_trim(model, tok, data, settings))
-        calib = None
-        if method == "gptq":
-            train_split = data.split("train").subset(settings.calibration_samples, settings.seed)
-            calib = calibration_batches(encode_split(train_split, tok, settings.max_length), pad_ids(tok),
-                                        settings.calibration_samples, seed=settings.seed)
-        cfg = QuantConfig(method=method, bits=settings.bits, group_size=settings.group_size,
-                          symmetric=settings.symmetric, embeddings=emb_bits,
-                          embedding_group_size=settings.embedding_group_size)
-        with torch.no_grad():
-            q = quantize_model(model, cfg, calib)
-        after = measure.evaluate_model(model, dev, pad_ids(tok))
-        metrics = dict(after, accuracy_before=before["accuracy"], params=models.param_count(model),
-                       kept_tokens=meta.get("kept_tokens"),
-                       quantized_tensors=len(q), seconds=time.time() - t0, runtime="torch-dequantized")
-        _seal_quantized(model, tok, q, out, settings=stage_settings, metrics=metrics, meta=meta)
-        log.info("quantize %s done: dev accuracy %.4f -> %.4f (PyTorch, dequantized weights) -> %s", method,
-                 before["accuracy"], after["accuracy"], out)
-        return out
 
-    # QAT with KD from the teacher (and, for EKD, from the fp32 model it starts from)
+
+def _meta(settings: QuantizeSettings, method: str, model_dir: Path) -> dict:
+    return {"method": method, "bits": settings.bits, "group_size": settings.group_size,
+            "embeddings": settings.embedding_bits(),
+            "embedding_group_size": settings.embedding_group_size or settings.group_size, "source": str(model_dir)}
+
+
+def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, teacher_dir: Path | None, data: TextData,
+                   out: Path, *, stage_settings: dict, stop_after_steps: int | None = None) -> Path:
+    """``dpq quantize --method M``: QAT trains (its own stage), every other method is post-training."""
+    if method in TRAINED:
+        return qat_stage(settings, model_dir, teacher_dir, data, out, stage_settings=stage_settings,
+                         stop_after_steps=stop_after_steps)
+    return ptq_stage(settings, method, model_dir, data, out, stage_settings=stage_settings)
+
+
+def ptq_stage(settings: QuantizeSettings, method: str, model_dir: Path, data: TextData, out: Path, *,
+              stage_settings: dict) -> Path:
+    """A registered post-training method (``quant/methods.py``) on the fp32 model: packed 4/8-bit artifact."""
+    out, model_dir = Path(out), Path(model_dir)
+    spec = methods.get(method)
+    check_writable(out)
+    _check_source(model_dir)
+    meta = _meta(settings, method, model_dir)
+    t0 = time.time()
+    model, tok = models.load_classifier(str(model_dir))
+    model.eval().to(devices.device())  # GPTQ's Hessians and layer passes are the slow part: on the GPU if any
+    dev = encode_split(data.split("dev"), tok, settings.max_length)
+    before = measure.evaluate_model(model, dev, pad_ids(tok))
+    if settings.trim_vocab:
+        meta.update(_trim(model, tok, data, settings))
+    calib = None
+    if spec.calibrated:
+        train_split = data.split("train").subset(settings.calibration_samples, settings.seed)
+        calib = calibration_batches(encode_split(train_split, tok, settings.max_length), pad_ids(tok),
+                                    settings.calibration_samples, seed=settings.seed)
+    cfg = QuantConfig(method=method, bits=settings.bits, group_size=settings.group_size,
+                      symmetric=settings.symmetric, embeddings=meta["embeddings"],
+                      embedding_group_size=settings.embedding_group_size)
+    with torch.no_grad():
+        q = quantize_model(model, cfg, calib)
+    after = measure.evaluate_model(model, dev, pad_ids(tok))
+    metrics = dict(after, accuracy_before=before["accuracy"], params=models.param_count(model),
+                   kept_tokens=meta.get("kept_tokens"),
+                   quantized_tensors=len(q), seconds=time.time() - t0, runtime="torch-dequantized")
+    _seal_quantized(model, tok, q, out, settings=stage_settings, metrics=metrics, meta=meta)
+    log.info("quantize %s done: dev accuracy %.4f -> %.4f (PyTorch, dequantized weights) -> %s", method,
+             before["accuracy"], after["accuracy"], out)
+    return out
+
+
+def qat_stage(settings: QuantizeSettings, model_dir: Path, teacher_dir: Path | None, data: TextData, out: Path, *,
+              stage_settings: dict, stop_after_steps: int | None = None) -> Path:
+    """Quantization-aware training with KD from the teacher (and, for EKD, from the fp32 model it starts from)."""
+    out, model_dir = Path(out), Path(model_dir)
+    check_writable(out)
+    _check_source(model_dir)
     if teacher_dir is None:
         raise DpqError("QAT needs --teacher (a finished `dpq teacher` folder) for distillation")
     if not settings.symmetric:
         raise DpqError("QAT learns symmetric step sizes (LSQ); drop --no-symmetric")
-    qcfg = QATConfig(bits=settings.bits, group_size=settings.group_size, embeddings=emb_bits,
+    meta = _meta(settings, "qat", model_dir)
+    qcfg = QATConfig(bits=settings.bits, group_size=settings.group_size, embeddings=meta["embeddings"],
                      embedding_group_size=settings.embedding_group_size, act_bits=settings.act_bits)
     weighting = make_weighting(settings.loss_weights, settings.alpha)
 
@@ -119,7 +140,7 @@ def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, tea
     result = train(nn.ModuleDict({"student": student, "kd": ses.kd}), ses.loss_fn, ses.train_set, ses.pads,
                    TrainConfig.from_settings(dataclasses.asdict(settings)), work, evaluate=ses.evaluate,
                    best_state=_state_cloner(student), restore_best=student.load_state_dict,
-                   fingerprint=fp, stop_after_steps=stop_after_steps, desc=f"quantize-{method}")
+                   fingerprint=fp, stop_after_steps=stop_after_steps, desc="quantize-qat")
     q = convert_qat(student)
     final = ses.evaluate()
     gor = {}
@@ -195,8 +216,7 @@ def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out:
     if precision not in PRECISIONS:
         raise DpqError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     check_writable(out)
-    if not (model_dir / "config.json").is_file():
-        raise DpqError(f"{model_dir}: no model folder here")
+    require_model(model_dir, "give an fp32 model folder, or a 4-bit one for int4")
     model, tok = models.load_classifier(str(model_dir))
     model.eval()
     qcfg = getattr(model.config, "dpq_quant", None)

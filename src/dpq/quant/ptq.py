@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DpqError
+from . import methods
 from .fake import QTensor, check_bits, fp16_grid, group_params, quantize_rtn, with_fp16_scales
 
 log = logging.getLogger("dpq")
@@ -25,7 +26,7 @@ log = logging.getLogger("dpq")
 
 @dataclass
 class QuantConfig:
-    method: str = "rtn"  # rtn | gptq (qat lives in qat.py)
+    method: str = "rtn"  # a registered post-training method (methods.py): rtn, gptq, …
     bits: int = 4
     group_size: int = 32
     symmetric: bool = True
@@ -42,8 +43,7 @@ class QuantConfig:
         check_bits(self.bits, self.group_size)
         if self.embeddings is not None:
             check_bits(self.embeddings, self.emb_group)
-        if self.method not in ("rtn", "gptq"):
-            raise DpqError(f"quantize method must be rtn or gptq here (got {self.method!r})")
+        methods.get(self.method)  # refuses an unknown name, listing the known ones
 
 
 def linear_targets(model: nn.Module) -> dict[str, nn.Linear]:
@@ -112,9 +112,13 @@ def _block_of(name: str) -> str:
     return f"layer{int(m.group(1)):04d}" if m else "zrest"  # encoder layers in order, then pooler and the rest
 
 
+@methods.register("gptq", calibrated=True)
 @torch.no_grad()
-def _gptq_linears(model: nn.Module, targets: dict[str, nn.Linear], calibration: list[dict], cfg: QuantConfig) -> dict[str, QTensor]:
+def gptq_linears(model: nn.Module, targets: dict[str, nn.Linear], cfg: QuantConfig,
+                 calibration: list[dict] | None) -> dict[str, QTensor]:
     """Layer by layer: inputs to layer k come from layers 0..k-1 already quantized (errors do not pile up)."""
+    if not calibration:
+        raise DpqError("GPTQ needs calibration batches (set --calibration-samples > 0)")
     out: dict[str, QTensor] = {}
     blocks: dict[str, list[str]] = {}
     for name in targets:
@@ -163,22 +167,26 @@ def calibration_batches(train_set, pad_ids: dict, samples: int, batch_size: int 
     return out
 
 
+@methods.register("rtn")
+@torch.no_grad()
+def rtn_linears(model: nn.Module, linears: dict[str, nn.Linear], cfg: QuantConfig,
+                calibration: list[dict] | None) -> dict[str, QTensor]:
+    """Round to nearest, group by group."""
+    out = {}
+    for n, lin in linears.items():
+        q = with_fp16_scales(lin.weight.data, quantize_rtn(lin.weight.data, cfg.bits, cfg.group_size, cfg.symmetric))
+        lin.weight.data.copy_(q.dequantize())
+        out[f"{n}.weight"] = q
+    return out
+
+
 def quantize_model(model: nn.Module, cfg: QuantConfig, calibration: list[dict] | None = None) -> dict[str, QTensor]:
     """Quantize ``model``'s target weights in place (they become their dequantized values); return the codes."""
     model.eval()
     linears = linear_targets(model)
     if not linears:
         raise DpqError(f"{type(model).__name__}: no linear layers to quantize")
-    if cfg.method == "gptq":
-        if not calibration:
-            raise DpqError("GPTQ needs calibration batches (set --calibration-samples > 0)")
-        out = _gptq_linears(model, linears, calibration, cfg)
-    else:
-        out = {}
-        for n, lin in linears.items():
-            q = with_fp16_scales(lin.weight.data, quantize_rtn(lin.weight.data, cfg.bits, cfg.group_size, cfg.symmetric))
-            lin.weight.data.copy_(q.dequantize())
-            out[f"{n}.weight"] = q
+    out = dict(methods.get(cfg.method).quantize(model, linears, cfg, calibration))
     if cfg.embeddings is not None:
         for n, emb in embedding_targets(model).items():
             q = quantize_rtn(emb.weight.data, cfg.embeddings, cfg.emb_group, cfg.symmetric)

@@ -1,0 +1,102 @@
+"""Training throughput of dpq's loop per kind of stage, on whatever device this machine has.
+
+    python benchmarks/train_throughput.py --data ../shared/data/sst2 [--device auto|cpu|cuda] [--steps 300]
+        [--batch-size 32] [--stages teacher baseline distill-hidden]
+
+Each stage trains its real model (teacher all-mpnet-base-v2; student all-MiniLM-L6-v2, without KD and with
+hidden-state KD, which runs a teacher forward every step) on the first ``steps × batch`` SST-2 training sentences
+through ``dpq.train.train`` with the stage's own loss, in a scratch folder. The first ``warmup`` steps are not
+timed (CUDA context, allocator, kernel autotuning). Prints steps/s and samples/s per stage with the device and
+thread count; the GPU table in BENCHMARKS.md (issue 11) comes from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpq import devices, measure, models
+from dpq.data import encode_split, load_data
+from dpq.distill import KDConfig, KDLoss
+from dpq.stages import pad_ids
+from dpq.train import TrainConfig, train
+
+TEACHER = "sentence-transformers/all-mpnet-base-v2"
+STUDENT = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _stage(name: str, data, n: int):
+    """(trainables, loss_fn, train_set, pads) of one stage kind."""
+    if name in ("teacher", "baseline"):
+        model, tok = models.load_classifier(TEACHER if name == "teacher" else STUDENT, label_names=data.label_names)
+        ds = encode_split(data.split("train").subset(n, 0), tok, 128)
+
+        def loss_fn(batch):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return nn.functional.cross_entropy(logits.float(), batch["labels"]), {}
+
+        return model, loss_fn, ds, pad_ids(tok)
+    teacher, t_tok = models.load_classifier(TEACHER, label_names=data.label_names)
+    teacher.eval().requires_grad_(False).to(devices.device())
+    student, s_tok = models.load_classifier(STUDENT, label_names=data.label_names)
+    kd = KDLoss(KDConfig(hidden_weight=1.0), student.config, teacher.config)
+    ds = encode_split(data.split("train").subset(n, 0), s_tok, 128, teacher_tokenizer=t_tok)
+
+    def loss_fn(batch):
+        s_out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        with torch.no_grad():
+            t_out = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                            output_hidden_states=True)
+        return kd(s_out, batch["labels"], t_out.logits, t_out, batch["attention_mask"], batch["teacher_attention_mask"])
+
+    return nn.ModuleDict({"student": student, "kd": kd}), loss_fn, ds, pad_ids(s_tok, t_tok)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--device", default="auto", choices=devices.CHOICES)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--stages", nargs="+", default=["teacher", "baseline", "distill-hidden"])
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    devices.set_choice(args.device)
+    data = load_data(args.data)
+    dev = devices.device()
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{where}; batch {args.batch_size}; {args.steps} steps timed after {args.warmup}\n")
+    print("| stage | steps/s | samples/s | seconds |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in args.stages:
+        trainables, loss_fn, ds, pads = _stage(name, data, (args.steps + args.warmup) * args.batch_size)
+        marks = {}
+
+        def clock(step: int) -> None:
+            if step in (args.warmup, args.warmup + args.steps):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                marks[step] = time.perf_counter()
+
+        with tempfile.TemporaryDirectory() as work:
+            cfg = TrainConfig(epochs=1, lr=2e-5, batch_size=args.batch_size, checkpoint_every=10**9,
+                              checkpoint_minutes=10**6, log_every=50)
+            train(trainables, loss_fn, ds, pads, cfg, Path(work), after_backward=clock, desc=name)
+        secs = marks[args.warmup + args.steps] - marks[args.warmup]
+        print(f"| {name} | {args.steps / secs:.1f} | {args.steps * args.batch_size / secs:.0f} | {secs:.1f} |",
+              flush=True)
+        del trainables
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n{measure.hardware()}")
+
+
+if __name__ == "__main__":
+    main()
