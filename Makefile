@@ -22,6 +22,7 @@ run: install
 	$(VENV)/bin/dpq run $(RECIPE) --profile $(PROFILE)
 
 test: install
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest
 
 clean:

@@ -5,7 +5,7 @@
 For each seed: the student fine-tuned without KD (the recipe's baseline settings) and distilled from
 RUN/teacher with each KD setting in CONFIGS, on the same seeded training subset, 1 epoch. Models go to
 RUN/bench-kd/NAME-sSEED (finished ones are skipped). Prints dev accuracy per seed, mean and half-range.
-"""
+"""  # noqa: E501 (the usage line is printed verbatim by --help)
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def main() -> None:
         base = BaselineSettings(epochs=1, lr=1e-4, max_train_samples=args.max_train_samples, seed=seed)
         out = bench / f"no-kd-s{seed}"
         st = stage_key(base, data=data_key, inputs={"model": STUDENT})
-        run_stage(out.name, out, st, lambda: finetune_stage(base, STUDENT, data, out, kind="baseline", stage_settings=st),
-                  trains=True)
+        run_stage(out.name, out, st,
+                  lambda: finetune_stage(base, STUDENT, data, out, kind="baseline", stage_settings=st), trains=True)
         acc.setdefault("no-kd", []).append(models.read_metrics(out)["accuracy"])
         for name in args.only or list(CONFIGS):
             s = DistillSettings(epochs=1, lr=1e-4, max_train_samples=args.max_train_samples, seed=seed, **CONFIGS[name])

@@ -28,8 +28,10 @@ from dpq.data import encode_split, load_data
 from dpq.quant import onnx_quant, packed
 from dpq.quant.onnx_int4_int8 import int4_int8_kernels_onnx
 
-INT8 = [("int8 U8S8 reduce_range", QuantType.QInt8, True, True, True), ("int8 U8S8", QuantType.QInt8, False, True, True),
-        ("int8 U8S8 per-tensor", QuantType.QInt8, False, False, True), ("int8 U8U8", QuantType.QUInt8, False, True, True),
+INT8 = [("int8 U8S8 reduce_range", QuantType.QInt8, True, True, True),
+        ("int8 U8S8", QuantType.QInt8, False, True, True),
+        ("int8 U8S8 per-tensor", QuantType.QInt8, False, False, True),
+        ("int8 U8U8", QuantType.QUInt8, False, True, True),
         ("int8 U8S8, fp32 embeddings", QuantType.QInt8, False, True, False)]
 
 
@@ -84,10 +86,11 @@ def main() -> None:
             t[f"bs{bs}"] = lambda s=s, x=x: export.ort_logits(s, x["input_ids"], x["attention_mask"])
         fns.append(t)
     res = measure.interleaved_latency_ms(fns, rounds=8, repeats=5, warmup=5)
-    print("| file | dev acc | size MB | bs1 ms | bs32 ms | bs32 × vs fp32 |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| file | dev acc | size MB | bs1 ms | bs32 ms | bs32 × vs fp32 |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, r in zip(runs, res):
-        print(f"| {name} | {acc[name]:.4f} | {runs[name][0].stat().st_size / 1e6:.2f} | {r['bs1']:.2f} | {r['bs32']:.1f} | "
-              f"{res[0]['bs32'] / r['bs32']:.2f} |")
+        print(f"| {name} | {acc[name]:.4f} | {runs[name][0].stat().st_size / 1e6:.2f} | "
+              f"{r['bs1']:.2f} | {r['bs32']:.1f} | {res[0]['bs32'] / r['bs32']:.2f} |")
     print(f"\nhardware: {measure.hardware()}")
 
 

@@ -90,7 +90,8 @@ def main() -> None:
     base = rows[0]
     print(f"# {hw['cpu']}, {hw['threads']} threads, torch {hw['torch']}; seq {seq} tokens (dev mean); "
           f"median of {args.rounds}x{args.repeats} interleaved runs")
-    print("| model | dev acc | Δ acc | params | size MB | GFLOPs | torch bs1 ms | torch bs32 ms | ORT bs1 ms | ORT bs32 ms | torch bs32 × | ORT bs32 × |")
+    print("| model | dev acc | Δ acc | params | size MB | GFLOPs | "
+          "torch bs1 ms | torch bs32 ms | ORT bs1 ms | ORT bs32 ms | torch bs32 × | ORT bs32 × |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['name']} | {r['accuracy']:.4f} | {100 * (r['accuracy'] - base['accuracy']):+.1f} pt | "

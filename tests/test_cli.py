@@ -70,11 +70,13 @@ def test_run_names_a_missing_extra_before_any_stage(capsys, monkeypatch, tmp_pat
 
 def test_teacher_distill_evaluate_end_to_end(capsys, tmp_path, tiny_models, sst2_slice):
     t, s = tmp_path / "teacher", tmp_path / "student"
-    code, _, err = run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)
+    code, _, err = run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t,
+                           *FAST)
     assert code == 0, err
     assert artifacts.is_complete(t) and not (tmp_path / ".teacher.work").exists()
     first = (t / "manifest.json").read_text()
-    code, _, err = run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)
+    code, _, err = run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t,
+                           *FAST)
     assert code == 0 and "skipped" in err and (t / "manifest.json").read_text() == first
 
     code, _, err = run_cli(capsys, "distill", "--teacher", t, "--student", tiny_models["student"], "--data", sst2_slice,
@@ -97,7 +99,8 @@ def test_teacher_distill_evaluate_end_to_end(capsys, tmp_path, tiny_models, sst2
 
 def test_logit_only_distillation_caches_teacher_logits(capsys, tmp_path, tiny_models, sst2_slice, monkeypatch):
     t = tmp_path / "teacher"
-    assert run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)[0] == 0
+    assert run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t,
+                   *FAST)[0] == 0
     for i in range(2):
         code, _, err = run_cli(capsys, "distill", "--teacher", t, "--student", tiny_models["student"], "--data",
                                sst2_slice, "--out", tmp_path / f"s{i}", *FAST)
@@ -123,7 +126,8 @@ evaluate: {{latency_repeats: 1, warmup: 0}}
     code, out, err = run_cli(capsys, "run", recipe, "--out", run)
     assert code == 0, err
     exports = ["export-int8-pruned", "export-int4-quantized-rtn", "export-int4-quantized-qat"]
-    for name in ["teacher", "baseline", "distilled", "pruned", "quantized-rtn", "quantized-qat", *exports, "evaluation"]:
+    for name in ["teacher", "baseline", "distilled", "pruned", "quantized-rtn", "quantized-qat", *exports,
+                 "evaluation"]:
         assert artifacts.is_complete(run / name), name
     assert (run / "recipe.yaml").is_file()
     rows = json.loads((run / "evaluation" / "results.json").read_text())
@@ -185,7 +189,8 @@ def test_prune_command_makes_a_smaller_model_that_reloads(capsys, tmp_path, tiny
     from dpq import load_model
 
     t = tmp_path / "teacher"
-    assert run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)[0] == 0
+    assert run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t,
+                   *FAST)[0] == 0
     s = tmp_path / "student"
     assert run_cli(capsys, "distill", "--teacher", t, "--student", tiny_models["student"], "--data", sst2_slice,
                    "--out", s, *FAST)[0] == 0
@@ -206,7 +211,8 @@ def test_prune_command_makes_a_smaller_model_that_reloads(capsys, tmp_path, tiny
                                             (["--target-params", "0.9"], "at most")])
 def test_prune_bad_values(capsys, tmp_path, tiny_models, sst2_slice, flags, message):
     t = tmp_path / "teacher"
-    assert run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t, *FAST)[0] == 0
+    assert run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t,
+                   *FAST)[0] == 0
     code, _, err = run_cli(capsys, "prune", "--model", t, "--teacher", t, "--data", sst2_slice, "--out",
                            tmp_path / "p", *flags, *FAST)
     assert code == 2 and message in err

@@ -4,7 +4,6 @@ gets one line, never a traceback."""
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time

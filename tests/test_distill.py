@@ -90,7 +90,8 @@ def test_one_distillation_step_lowers_the_loss(tiny_models):
     kd = KDLoss(KDConfig(hidden_weight=1.0, attention_weight=1.0), student.config, teacher.config)
     params = list(student.parameters()) + list(kd.parameters())
     opt = torch.optim.SGD(params, lr=0.05)
-    batch = tok(["a charming and affecting journey", "bleak and desperate", "it is good"], padding=True, return_tensors="pt")
+    batch = tok(["a charming and affecting journey", "bleak and desperate", "it is good"], padding=True,
+                return_tensors="pt")
     y = torch.tensor([1, 0, 1])
     student.train()
     torch.manual_seed(0)

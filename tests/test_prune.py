@@ -5,8 +5,16 @@ import torch
 
 from dpq import artifacts, load_model, models
 from dpq.errors import DpqError
-from dpq.prune import (GradientSensitivity, HeadFfnMasks, PruneConfig, cubic_fraction, importance, layers,
-                       magnitude_scores, remove_masked)
+from dpq.prune import (
+    GradientSensitivity,
+    HeadFfnMasks,
+    PruneConfig,
+    cubic_fraction,
+    importance,
+    layers,
+    magnitude_scores,
+    remove_masked,
+)
 
 
 def tiny(tiny_models):
@@ -160,8 +168,14 @@ def test_interrupted_pruning_run_resumes_to_the_same_model(tiny_models, sst2_sli
 
 
 def _arch(name):
-    from transformers import (DistilBertConfig, DistilBertForSequenceClassification, MPNetConfig,
-                              MPNetForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        MPNetConfig,
+        MPNetForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
 
     torch.manual_seed(0)
     if name == "mpnet":
@@ -176,8 +190,6 @@ def _arch(name):
 
 @pytest.mark.parametrize("arch", ["mpnet", "distilbert", "roberta"])
 def test_other_encoders_prune_reload_and_match(arch, tmp_path):
-    from transformers import AutoModelForSequenceClassification
-
     model = _arch(arch).eval()
     ids = torch.randint(5, 100, (3, 9))
     mask = torch.ones_like(ids)
@@ -194,8 +206,9 @@ def test_other_encoders_prune_reload_and_match(arch, tmp_path):
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, masked, rtol=1e-5, atol=1e-6)
     model.save_pretrained(tmp_path)
     (tmp_path / "vocab.txt").write_text("")  # no tokenizer needed for this check
-    from dpq.models import _load_built
     from transformers import AutoConfig
+
+    from dpq.models import _load_built
 
     reloaded = _load_built(str(tmp_path), AutoConfig.from_pretrained(tmp_path), False).eval()
     with torch.no_grad():

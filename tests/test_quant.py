@@ -5,8 +5,15 @@ from torch import nn
 from dpq import models
 from dpq.distill import GoRWeighting, ensemble_logits, soft_label_kd
 from dpq.errors import DpqError
-from dpq.quant.fake import (QATEmbedding, QATLinear, has_fp16_scales, lsq_fake_quant, pack_int4, quantize_rtn,
-                            unpack_int4)
+from dpq.quant.fake import (
+    QATEmbedding,
+    QATLinear,
+    has_fp16_scales,
+    lsq_fake_quant,
+    pack_int4,
+    quantize_rtn,
+    unpack_int4,
+)
 from dpq.quant.packed import FILE, dequantized_state, load_qtensors, save_packed
 from dpq.quant.ptq import QuantConfig, gptq_quantize, quantize_model
 from dpq.quant.qat import QATConfig, convert_qat, prepare_qat

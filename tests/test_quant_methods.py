@@ -22,7 +22,8 @@ def toy_method():
         calls.append(sorted(linears))
         out = {}
         for name, lin in linears.items():
-            q = with_fp16_scales(lin.weight.data, quantize_rtn(lin.weight.data, cfg.bits, cfg.group_size, cfg.symmetric))
+            q = with_fp16_scales(lin.weight.data,
+                                 quantize_rtn(lin.weight.data, cfg.bits, cfg.group_size, cfg.symmetric))
             lin.weight.data.copy_(q.dequantize())
             out[f"{name}.weight"] = q
         return out
@@ -35,7 +36,8 @@ def test_a_registered_method_runs_from_the_cli_and_exports(capsys, tmp_path, tin
     q, e = tmp_path / "q", tmp_path / "e"
     assert main(["quantize", "--method", "toy-rtn", "--model", str(tiny_models["student"]), "--data",
                  str(sst2_slice), "--out", str(q), "--group-size", "16"]) == 0, capsys.readouterr().err
-    assert toy_method and len(toy_method[0]) == 2 * 6 + 1  # 2 layers × (Q K V O in out) + pooler: every Linear but the head
+    # 2 layers × (Q K V O in out) + pooler: every Linear but the head
+    assert toy_method and len(toy_method[0]) == 2 * 6 + 1
     assert json.loads((q / "config.json").read_text())["dpq_quant"]["method"] == "toy-rtn"
     assert main(["export", "--model", str(q), "--out", str(e), "--precision", "int4", "--int4-kernels", "nbits",
                  "--accuracy-level", "0"]) == 0, capsys.readouterr().err

@@ -162,7 +162,8 @@ def test_int8_falls_back_to_the_unfused_graph_when_fusion_fails(tiny_models, tmp
     fp32 = export.export_onnx(model.eval(), tmp_path / "fp32.onnx")
     report = int8_onnx(fp32, tmp_path / "int8.onnx")
     assert report["weight_type"] in ("s8", "u8") and report["why"]
-    assert report["reduce_range"] == (report["weight_type"] == "s8" and not (_cpu_flags() & {"avx512_vnni", "avx_vnni"}))
+    assert report["reduce_range"] == (report["weight_type"] == "s8"
+                                      and not (_cpu_flags() & {"avx512_vnni", "avx_vnni"}))
     assert report["fused_attention"] is False and report["ops"]["QAttention"] == 0
     # the 12 encoder Linears, plus the pooler and classifier Gemms (the quantizer rewrites Gemm as MatMul + Add)
     assert report["ops"]["MatMulInteger"] == 2 * 6 + 2

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpq import artifacts, load_model
+from dpq import load_model
 from dpq.cli import main
 from dpq.quant.packed import FILE
 
@@ -95,7 +95,8 @@ def test_ptq_export_evaluate_sizes_and_runtimes(capsys, tmp_path, tiny_models, s
     assert code == 0, err
     rows = json.loads((tmp_path / "r.json").read_text())
     assert [r["runtime"] for r in rows] == ["onnx-fp32", "onnx-int8", "onnx-int4"]
-    assert max(rows[1]["size_mb"], rows[2]["size_mb"]) < 0.5 * rows[0]["size_mb"]  # tiny graphs: see the size test below
+    # tiny graphs: see the size test below
+    assert max(rows[1]["size_mb"], rows[2]["size_mb"]) < 0.5 * rows[0]["size_mb"]
     assert all(0 <= r["accuracy"] <= 1 and r["latency_ms_bs32"] > 0 for r in rows)
     assert rows[0]["params"] == rows[2]["params"]
 
@@ -122,7 +123,8 @@ def test_quantizing_a_quantized_model_is_refused(capsys, tmp_path, tiny_models, 
     q = tmp_path / "q"
     assert cli(capsys, "quantize", "--method", "rtn", "--model", tiny_models["student"], "--data", sst2_slice,
                "--out", q, "--group-size", "16")[0] == 0
-    code, _, err = cli(capsys, "quantize", "--method", "rtn", "--model", q, "--data", sst2_slice, "--out", tmp_path / "q2")
+    code, _, err = cli(capsys, "quantize", "--method", "rtn", "--model", q, "--data", sst2_slice,
+                       "--out", tmp_path / "q2")
     assert code == 2 and "already quantized" in err
 
 
@@ -186,8 +188,8 @@ def test_int4_file_is_at_most_a_fifth_of_fp32(capsys, tmp_path, sst2_slice):
 
 def test_gor_weighting_works_in_distillation_and_pruning(capsys, tmp_path, tiny_models, sst2_slice, teacher):
     s = tmp_path / "s"
-    code, _, err = cli(capsys, "distill", "--teacher", teacher, "--student", tiny_models["student"], "--data", sst2_slice,
-                       "--out", s, "--loss-weights", "gor", *FAST)
+    code, _, err = cli(capsys, "distill", "--teacher", teacher, "--student", tiny_models["student"],
+                       "--data", sst2_slice, "--out", s, "--loss-weights", "gor", *FAST)
     assert code == 0, err
     p = tmp_path / "p"
     code, _, err = cli(capsys, "prune", "--model", s, "--teacher", teacher, "--data", sst2_slice, "--out", p,

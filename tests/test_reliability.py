@@ -29,7 +29,8 @@ def cli(capsys, *args):
 
 
 def _teacher_cmd(model, data, out):
-    return [sys.executable, "-m", "dpq", "teacher", "--model", str(model), "--data", str(data), "--out", str(out), *TRAIN]
+    return [sys.executable, "-m", "dpq", "teacher", "--model", str(model), "--data", str(data), "--out", str(out),
+            *TRAIN]
 
 
 def _start_and_interrupt(cmd, work: Path, sig: int, env: dict, min_step: int) -> subprocess.Popen:
@@ -124,7 +125,8 @@ def test_long_inputs_are_truncated_with_a_count(tiny_models, caplog):
     split = Split(["word " * 5000, "short"], [0, 1], "x")
     with caplog.at_level("WARNING", logger="dpq"):
         ds = encode_split(split, tok, 64)
-    assert max(len(x) for x in ds.input_ids) == 64 and "1 of 2 texts longer than 64 tokens were truncated" in caplog.text
+    assert (max(len(x) for x in ds.input_ids) == 64
+            and "1 of 2 texts longer than 64 tokens were truncated" in caplog.text)
 
 
 def test_full_disk_is_refused_before_training(capsys, tmp_path, tiny_models, sst2_slice, monkeypatch):
@@ -157,7 +159,8 @@ def test_config_that_does_not_match_its_weights(capsys, tmp_path, tiny_models, s
 
 def test_onnx_file_from_another_model_is_refused(capsys, tmp_path, tiny_models, sst2_slice):
     for name in ("student", "teacher"):
-        assert cli(capsys, "export", "--model", tiny_models[name], "--out", tmp_path / name, "--precision", "fp32")[0] == 0
+        assert cli(capsys, "export", "--model", tiny_models[name], "--out", tmp_path / name,
+                   "--precision", "fp32")[0] == 0
     shutil.copy(tmp_path / "teacher" / "model.onnx", tmp_path / "student" / "model.onnx")
     code, _, err = cli(capsys, "evaluate", tmp_path / "student", "--data", sst2_slice)
     assert code == 2 and "model.onnx" in err and "checksum" in err

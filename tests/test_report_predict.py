@@ -6,7 +6,7 @@ import pytest
 from dpq import artifacts, load
 from dpq.cli import main
 from dpq.errors import DpqError
-from dpq.report import pareto, write_report
+from dpq.report import pareto
 
 
 def cli(capsys, *args):

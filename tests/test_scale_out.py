@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
@@ -50,7 +49,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, no_dr
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr
     assert two.stderr.count("teacher done") == 1  # one log: the main process's
-    rows = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")}
+    rows = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("one", "two")}
     assert [r["step"] for r in rows["one"]] == [r["step"] for r in rows["two"]]  # 4 steps each: the same batches
     # the mean over both shards is the one process's mean over the whole batch: equal at the first step, then apart
     # by float summation order only, which Adam's normalised early steps enlarge (measured: 4e-5 in loss, 3.8e-4 in
@@ -58,7 +58,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, no_dr
     losses = [(a["loss"], b["loss"]) for a, b in zip(rows["one"], rows["two"]) if "loss" in a]
     assert losses[0][1] == pytest.approx(losses[0][0], abs=1e-6)
     assert all(b == pytest.approx(a, abs=5e-4) for a, b in losses)
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    a, b = (load_file(str(tmp_path / "one" / "model.safetensors")),
+            load_file(str(tmp_path / "two" / "model.safetensors")))
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"largest weight difference, one process vs two: {worst:.2e}")
     assert worst < 1e-3

@@ -125,11 +125,11 @@ def test_loss_weighting_scalars_get_their_own_learning_rate(tiny_models):
 
 def test_head_initialisation_follows_the_seed_not_the_process(tiny_models, sst2_slice, tmp_path):
     """Two runs with the same seed give the same model even when the process used its RNG before."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
     from dpq.recipe import TeacherSettings
     from dpq.stages import finetune_stage
-    from safetensors.torch import load_file
-
-    from transformers import AutoModel, AutoTokenizer
 
     base = tmp_path / "base"  # an encoder without a classification head, like the packaged models
     AutoModel.from_pretrained(tiny_models["student"]).save_pretrained(base)

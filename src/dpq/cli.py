@@ -62,7 +62,14 @@ def _load_data(args, need=("train", "dev")):
 
 def build_parser() -> argparse.ArgumentParser:
     from .quant import methods
-    from .recipe import DistillSettings, EvaluateSettings, ExportSettings, PruneSettings, QuantizeSettings, TeacherSettings
+    from .recipe import (
+        DistillSettings,
+        EvaluateSettings,
+        ExportSettings,
+        PruneSettings,
+        QuantizeSettings,
+        TeacherSettings,
+    )
 
     parser = argparse.ArgumentParser(prog="dpq", description="Distill, Prune, Quantize transformer text classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -72,14 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to train and evaluate: auto (a GPU when torch sees one), cpu, or cuda "
                              "(default: auto; for `run`, the recipe's device:). Latency is always measured on the CPU")
 
-    p = sub.add_parser("run", parents=[common], help="run a recipe's stages end to end (finished, unchanged stages are skipped)")
+    p = sub.add_parser("run", parents=[common],
+                       help="run a recipe's stages end to end (finished, unchanged stages are skipped)")
     p.add_argument("recipe", help="recipe YAML file, e.g. recipes/sst2.yaml")
     p.add_argument("--profile", help="profile from the recipe's profiles section (e.g. fast, full)")
     p.add_argument("--out", help="run folder (default: runs/NAME-PROFILE)")
     p.add_argument("--data", help="override the recipe's data (default: $DPQ_DATA, else the recipe's)")
     p.add_argument("--dry-run", action="store_true", help="say which stages would run and why, run nothing")
 
-    p = sub.add_parser("teacher", parents=[common], help="fine-tune a model on the labelled data (the teacher, or any baseline)")
+    p = sub.add_parser("teacher", parents=[common],
+                       help="fine-tune a model on the labelled data (the teacher, or any baseline)")
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="retrain even if --out is complete with the same settings")
     _data_args(p)
@@ -92,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _add_settings(p, DistillSettings, title="distillation and training settings")
 
-    p = sub.add_parser("prune", parents=[common], help="remove attention heads and FFN neurons (gradual, with KD recovery)")
+    p = sub.add_parser("prune", parents=[common],
+                       help="remove attention heads and FFN neurons (gradual, with KD recovery)")
     p.add_argument("--model", required=True, help="model folder to prune (from `dpq distill`, or an earlier prune)")
     p.add_argument("--teacher", required=True, help="teacher artifact folder for KD during pruning and recovery")
     p.add_argument("--out", required=True, help="artifact folder to write")
@@ -100,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _add_settings(p, PruneSettings, skip=("enabled",), title="pruning and training settings")
 
-    p = sub.add_parser("quantize", parents=[common], help="4/8-bit weights: PTQ (rtn, gptq) or QAT with KD (fixed or GoR loss weights)")
+    p = sub.add_parser("quantize", parents=[common],
+                       help="4/8-bit weights: PTQ (rtn, gptq) or QAT with KD (fixed or GoR loss weights)")
     p.add_argument("--model", required=True, help="fp32 model folder (from `dpq distill` or `dpq prune`)")
     p.add_argument("--out", required=True, help="artifact folder to write (packed model.quant.safetensors)")
     p.add_argument("--method", required=True, choices=methods.choices(),
@@ -110,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _add_settings(p, QuantizeSettings, skip=("enabled", "methods"), title="quantization and QAT settings")
 
-    p = sub.add_parser("export", parents=[common], help="ONNX export: fp32, int8 (dynamic) or int4 (MatMulNBits, the model's own codes)")
+    p = sub.add_parser("export", parents=[common],
+                       help="ONNX export: fp32, int8 (dynamic) or int4 (MatMulNBits, the model's own codes)")
     p.add_argument("--model", required=True, help="model folder (int4: a 4-bit `dpq quantize` folder)")
     p.add_argument("--out", required=True, help="folder to write (model.onnx, config, tokenizer, export.json)")
     p.add_argument("--format", default="onnx", choices=("onnx",), help="export format")
@@ -121,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", parents=[common], help="report.md/json and Pareto plots of a run's evaluation")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (from `dpq run`)")
 
-    p = sub.add_parser("predict", parents=[common], help="label and probability for texts, from any model or exported folder")
+    p = sub.add_parser("predict", parents=[common],
+                       help="label and probability for texts, from any model or exported folder")
     p.add_argument("model", metavar="MODEL", help="model folder: PyTorch, packed 4-bit, or an ONNX export")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     p.add_argument("--file", help="UTF-8 file, one text per line")
@@ -139,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args) -> None:
     from .pipeline import run_recipe
 
-    run_recipe(args.recipe, profile=args.profile, out=args.out, data=args.data, dry_run=args.dry_run, device=args.device)
+    run_recipe(args.recipe, profile=args.profile, out=args.out, data=args.data, dry_run=args.dry_run,
+               device=args.device)
 
 
 def _data_key(args, spec: str) -> dict:

@@ -157,7 +157,8 @@ def read_file(path: Path, *, skip_bad_rows: bool = False) -> tuple[list[str], li
         missing = [c for c in ("sentence|text", LABEL_COLUMN) if not set(c.split("|")) & set(header)]
         if missing:
             raise DpqError(f"{path}: header has no {' or '.join(repr(m) for m in missing)} column (header: {header})")
-    rows = _rows_jsonl(path) if path.suffix == ".jsonl" else _rows_delimited(path, "\t" if path.suffix == ".tsv" else ",")
+    rows = (_rows_jsonl(path) if path.suffix == ".jsonl"
+            else _rows_delimited(path, "\t" if path.suffix == ".tsv" else ","))
     texts, labels, bad = [], [], []
     for n, row, why in rows:
         if row is not None:
@@ -237,7 +238,8 @@ def load_hub(spec: str, *, labels: list[str] | None = None) -> TextData:
     # offline or unreachable, unknown or gated id (OSError), unknown config (ValueError), unusable files on the Hub
     except (OSError, ValueError, DatasetsError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DpqError(f"data '{spec}': not a local path and could not be loaded from the Hugging Face Hub ({first[:200]})") from None
+        raise DpqError(f"data '{spec}': not a local path and could not be loaded from the Hugging Face Hub "
+                       f"({first[:200]})") from None
     splits = {}
     label_names = labels
     for split, aliases in SPLIT_NAMES.items():
@@ -254,7 +256,8 @@ def load_hub(spec: str, *, labels: list[str] | None = None) -> TextData:
         ys = [int(v) for v in part[LABEL_COLUMN]]
         bad = [i for i, v in enumerate(ys) if not 0 <= v < len(label_names)]
         if bad:
-            raise DpqError(f"data '{spec}': split '{key}' row {bad[0] + 1} has label {ys[bad[0]]} outside the classes {label_names}")
+            raise DpqError(f"data '{spec}': split '{key}' row {bad[0] + 1} has label {ys[bad[0]]} "
+                           f"outside the classes {label_names}")
         splits[split] = Split(list(part[text_col]), ys, f"{spec}/{key}")
     if not splits:
         raise DpqError(f"data '{spec}': no train or validation split")

@@ -125,7 +125,8 @@ class GoRWeighting(nn.Module):
         self.s_max = s_max
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.exp(-self.s_task.clamp(-self.s_max, self.s_max)), torch.exp(-self.s_kd.clamp(-self.s_max, self.s_max))
+        return (torch.exp(-self.s_task.clamp(-self.s_max, self.s_max)),
+                torch.exp(-self.s_kd.clamp(-self.s_max, self.s_max)))
 
     def forward(self, task: torch.Tensor, kd: torch.Tensor) -> tuple[torch.Tensor, dict]:
         st, sk = self.s_task.clamp(-self.s_max, self.s_max), self.s_kd.clamp(-self.s_max, self.s_max)

@@ -45,9 +45,11 @@ def export_onnx(model, path: Path, *, opset: int = 17) -> Path:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             # the wrapper must be in eval mode too: the exporter restores the wrapper's mode onto the model
-            torch.onnx.export(_LogitsOnly(model).eval(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+            torch.onnx.export(_LogitsOnly(model).eval(), (ids, mask), str(path),
+                              input_names=["input_ids", "attention_mask"],
                               output_names=["logits"], opset_version=opset, dynamo=False,
-                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                            "attention_mask": {0: "batch", 1: "seq"},
                                             "logits": {0: "batch"}})
     except OnnxExporterError as e:  # an operator or construct of this architecture the exporter cannot express
         raise DpqError(f"ONNX export failed for {model.config.model_type}: {str(e).splitlines()[0][:200]}") from None
@@ -105,5 +107,6 @@ def load_onnx_folder(folder: Path, threads: int | None = None):
         session = ort_session(folder / "model.onnx", threads=threads,
                               disabled_optimizers=info.get("ort_disabled_optimizers", ()))
     except Exception as e:  # ORT raises its own types for a corrupt or foreign graph
-        raise DpqError(f"{folder / 'model.onnx'}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:160]})") from None
+        raise DpqError(f"{folder / 'model.onnx'}: ONNX Runtime cannot load it "
+                       f"({str(e).splitlines()[0][:160]})") from None
     return session, config, tokenizer, info

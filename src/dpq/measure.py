@@ -57,7 +57,8 @@ def evaluate_model(model, ds: EncodedSplit, pad_ids: dict[str, int], batch_size:
 def weights_size_mb(folder: Path) -> float:
     """On-disk size of the weight files (safetensors or ONNX, with external data), in MB (10^6 bytes)."""
     folder = Path(folder)
-    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".onnx", ".data") or p.name.endswith(".onnx_data")]
+    files = [p for p in folder.iterdir()
+             if p.suffix in (".safetensors", ".onnx", ".data") or p.name.endswith(".onnx_data")]
     return sum(p.stat().st_size for p in files) / 1e6
 
 

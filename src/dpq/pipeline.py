@@ -10,7 +10,6 @@ from typing import Callable
 
 from . import artifacts, devices, locks, registry
 from .data import TextData, load_data
-from .errors import DpqError
 from .extras import require
 from .recipe import Recipe, dump_recipe, load_recipe
 from .stages import check_writable, work_dir_for

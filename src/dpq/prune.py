@@ -161,10 +161,12 @@ class HeadFfnMasks(nn.Module):
             getattr(self, f"ffn_{i}").copy_(m)
 
 
-def _allocate(scores: list[torch.Tensor], masks: list[torch.Tensor], fraction: float, allocation: str) -> list[torch.Tensor]:
+def _allocate(scores: list[torch.Tensor], masks: list[torch.Tensor], fraction: float,
+              allocation: str) -> list[torch.Tensor]:
     # a few thousand numbers: ranked on the host whatever device the model trains on
     masks = [m.detach().cpu() for m in masks]
-    scores = [torch.where(m > 0, s.detach().float().cpu(), torch.tensor(-math.inf, device="cpu")) for s, m in zip(scores, masks)]
+    scores = [torch.where(m > 0, s.detach().float().cpu(), torch.tensor(-math.inf, device="cpu"))
+              for s, m in zip(scores, masks)]
     new = [torch.ones_like(m) for m in masks]
     if allocation == "uniform":
         for s, n in zip(scores, new):
@@ -208,7 +210,8 @@ def magnitude_scores(model: nn.Module) -> dict:
     for l in layers(model):
         sq = [m.weight.detach().float() ** 2 for m in (l.q, l.k, l.v, l.o)]
         heads.append(_head_blocks(l, *sq).sqrt().cpu())
-        ffn.append((l.ffn_in.weight.detach().float() ** 2).sum(1).add((l.ffn_out.weight.detach().float() ** 2).sum(0)).sqrt().cpu())
+        ffn.append((l.ffn_in.weight.detach().float() ** 2).sum(1)
+                   .add((l.ffn_out.weight.detach().float() ** 2).sum(0)).sqrt().cpu())
     return {"heads": heads, "ffn": ffn}
 
 

@@ -37,8 +37,10 @@ def opt(default, help: str, **kw):
 
 @dataclass
 class DataSettings:
-    path: str = opt("nyu-mll/glue:sst2", "folder of train/dev .tsv|.csv|.jsonl, TRAIN,DEV files, or a hub id NAME[:CONFIG]")
-    labels: typing.Optional[list] = opt(None, "class names in label-id order (default: sorted labels of the train split)")
+    path: str = opt("nyu-mll/glue:sst2",
+                    "folder of train/dev .tsv|.csv|.jsonl, TRAIN,DEV files, or a hub id NAME[:CONFIG]")
+    labels: typing.Optional[list] = opt(None,
+                                        "class names in label-id order (default: sorted labels of the train split)")
     skip_bad_rows: bool = opt(False, "skip malformed rows (with a count) instead of refusing the file")
 
 
@@ -81,8 +83,10 @@ class KDSettings(TrainSettings):
     alpha: float = opt(0.5, "weight of the soft-label KD term; 1-alpha weights cross-entropy", min=0, max=1)
     hidden_weight: float = opt(0.0, "weight of the hidden-state MSE (through a learned projection)", min=0)
     attention_weight: float = opt(0.0, "weight of the attention-map KL (needs equal head counts)", min=0)
-    layer_map: typing.Optional[list] = opt(None, "teacher layer (1-based) for each student layer; default evenly spaced")
-    loss_weights: str = opt("fixed", "task vs KD balance: fixed (alpha) or gor (two learned scalars, arXiv 2509.20854)",
+    layer_map: typing.Optional[list] = opt(None,
+                                           "teacher layer (1-based) for each student layer; default evenly spaced")
+    loss_weights: str = opt("fixed",
+                            "task vs KD balance: fixed (alpha) or gor (two learned scalars, arXiv 2509.20854)",
                             choices=("fixed", "gor"))
 
 
@@ -99,8 +103,10 @@ class PruneSettings(KDSettings):
     enabled: bool = opt(True, "run the pruning stage")
     heads: float = opt(0.4, "fraction of attention heads to remove", min=0, lt=1)
     ffn: float = opt(0.5, "fraction of FFN neurons to remove", min=0, lt=1)
-    target_params: typing.Optional[float] = opt(None, "remove this fraction of all parameters instead (heads and FFN alike)", gt=0, lt=1)
-    importance: str = opt("combined", "magnitude | kd-gradient | combined (lambda_mag·magnitude + lambda_grad·|W·dL/dW|)",
+    target_params: typing.Optional[float] = opt(None, "remove this fraction of all parameters instead "
+                                                "(heads and FFN alike)", gt=0, lt=1)
+    importance: str = opt("combined",
+                          "magnitude | kd-gradient | combined (lambda_mag·magnitude + lambda_grad·|W·dL/dW|)",
                           choices=("magnitude", "kd-gradient", "combined"))
     allocation: str = opt("uniform", "uniform (same fraction per layer) | layer-adaptive (one global ranking)",
                           choices=("uniform", "layer-adaptive"))
@@ -108,7 +114,8 @@ class PruneSettings(KDSettings):
     lambda_mag: float = opt(0.5, "weight of the normalised magnitude score", min=0)
     lambda_grad: float = opt(0.5, "weight of the normalised KD-gradient score", min=0)
     prune_start: float = opt(0.0, "fraction of training steps before masking starts", min=0, max=1)
-    prune_end: float = opt(0.5, "fraction of training steps at which the target is reached; recovery follows", min=0, max=1)
+    prune_end: float = opt(0.5, "fraction of training steps at which the target is reached; recovery follows",
+                           min=0, max=1)
     update_every: int = opt(10, "steps between mask updates (the importance window)", min=1)
     lr: float = opt(5e-5, "peak learning rate", gt=0)
     epochs: int = opt(2, "passes over the training data (pruning, then recovery)", min=1)
@@ -119,20 +126,25 @@ class QuantizeSettings(KDSettings):
     """4/8-bit weights of the pruned (or distilled) student: PTQ (rtn, gptq) and QAT with KD (the KD settings)."""
 
     enabled: bool = opt(True, "run the quantization stages")
-    methods: list = opt(["gptq", "qat"], "recipe only: one quantize stage per method (rtn | gptq | qat | any registered)")
+    methods: list = opt(["gptq", "qat"],
+                        "recipe only: one quantize stage per method (rtn | gptq | qat | any registered)")
     bits: int = opt(4, "weight bit width (4 or 8)", choices=(4, 8))
-    group_size: int = opt(32, "weights per scale (consecutive input columns of one output row)", choices=(16, 32, 64, 128))
-    symmetric: bool = opt(True, "symmetric grid (zero point fixed); --no-symmetric stores a zero point per group (PTQ only)")
+    group_size: int = opt(32, "weights per scale (consecutive input columns of one output row)",
+                          choices=(16, 32, 64, 128))
+    symmetric: bool = opt(True, "symmetric grid (zero point fixed); --no-symmetric stores a zero point per group "
+                                "(PTQ only)")
     embeddings: typing.Optional[str] = opt(None, "embedding tables: 4 | 8 | none (default: the weights' bit width)",
                                            choices=(None, "4", "8", "none"))
     embedding_group_size: typing.Optional[int] = opt(None, "group size for the embedding tables (default: group_size)",
                                                       choices=(None, 16, 32, 64, 128))
-    trim_vocab: bool = opt(False, "keep only the embedding rows of tokens the training data uses (others read as [UNK])")
+    trim_vocab: bool = opt(False, "keep only the embedding rows of tokens the training data uses "
+                                  "(others read as [UNK])")
     trim_keep_first: int = opt(0, "with trim_vocab: also keep the first N token ids (the frequent words of "
                                   "frequency-ordered vocabularies such as BERT's)", min=0)
     calibration_samples: int = opt(128, "training examples fed through the model to calibrate GPTQ", min=1)
     ensemble: bool = opt(False, "QAT: distil from the teacher and the fp32 model together (EKD)")
-    act_bits: typing.Optional[int] = opt(None, "QAT: fake-quantize linear-layer inputs to this many bits (8)", choices=(None, 8))
+    act_bits: typing.Optional[int] = opt(None, "QAT: fake-quantize linear-layer inputs to this many bits (8)",
+                                         choices=(None, 8))
     lr: float = opt(5e-5, "QAT peak learning rate", gt=0)
     epochs: int = opt(1, "QAT passes over the training data", min=1)
 
@@ -150,12 +162,14 @@ class QuantizeSettings(KDSettings):
 @dataclass
 class ExportSettings:
     enabled: bool = opt(True, "run the export stages")
-    precisions: list = opt(["fp32", "int8", "int4"], "recipe only: fp32 and int8 export the fp32 model, int4 each quantized one")
+    precisions: list = opt(["fp32", "int8", "int4"],
+                           "recipe only: fp32 and int8 export the fp32 model, int4 each quantized one")
     int4_kernels: str = opt("auto", "int4: nbits = MatMulNBits, int8 = the 4-bit codes expanded to int8 kernels when "
                             "the session loads (same file size), auto = time both on this CPU and keep the faster",
                             choices=("auto", "nbits", "int8"))
     accuracy_level: str = opt("auto", "int4 MatMulNBits: 4 = int8 activations, 0 = fp32 dequantize path, "
-                              "auto = time both on this CPU and keep the faster", choices=("auto", "0", "1", "2", "3", "4"))
+                              "auto = time both on this CPU and keep the faster",
+                              choices=("auto", "0", "1", "2", "3", "4"))
     int8_embeddings: bool = opt(True, "int8: quantize the embedding tables too (uint8, per tensor; most of the file)")
     int8_weights: str = opt("auto", "int8: s8 (U8S8, reduce_range) | u8 (U8U8) | auto (chosen for this CPU)",
                             choices=("auto", "s8", "u8"))
@@ -228,7 +242,8 @@ def _coerce(value, tp, where: str):
             return value
         raise DpqError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
+        if isinstance(value, bool) or not (
+                isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
             raise DpqError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:

@@ -47,8 +47,8 @@ def build_rows(results: list[dict]) -> list[dict]:
     sizes = batch_sizes(results)
     rows = []
     for r in results:
-        row = {"name": r["name"], "stage": r.get("stage", r["name"]), "runtime": r["runtime"], "accuracy": r["accuracy"],
-               "params": r["params"], "size_mb": r["size_mb"], "gflops": r["gflops"],
+        row = {"name": r["name"], "stage": r.get("stage", r["name"]), "runtime": r["runtime"],
+               "accuracy": r["accuracy"], "params": r["params"], "size_mb": r["size_mb"], "gflops": r["gflops"],
                **{f"latency_ms_bs{b}": r[f"latency_ms_bs{b}"] for b in sizes},
                "accuracy_vs_teacher": round(r["accuracy"] - teacher["accuracy"], 4),
                "smaller_than_teacher": round(teacher["size_mb"] / r["size_mb"], 2),

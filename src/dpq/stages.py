@@ -256,7 +256,8 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
     pads = pad_ids(s_tok, t_tok)
     cached = None
     if not kd_cfg.needs_teacher_forward:
-        cached = cached_teacher_logits(teacher, teacher_dir, train_set, train_split.fingerprint(), pads, settings.max_length)
+        cached = cached_teacher_logits(teacher, teacher_dir, train_set, train_split.fingerprint(), pads,
+                                       settings.max_length)
     if ensemble_with_student:
         own = cached_teacher_logits(student, Path(student_id), train_set, train_split.fingerprint(), pads,
                                     settings.max_length, key="input_ids")
@@ -406,7 +407,8 @@ def _evaluate_onnx(d: Path, split, settings: EvaluateSettings) -> tuple[dict, di
     ds = encode_split(split, tok, min(512, getattr(config, "max_position_embeddings", 512)))
     logits = export.ort_predict_logits(session, ds, pad_ids(tok))
     if logits.shape[-1] != config.num_labels:
-        raise DpqError(f"{d / 'model.onnx'}: gives {logits.shape[-1]} classes, its config.json says {config.num_labels}")
+        raise DpqError(f"{d / 'model.onnx'}: gives {logits.shape[-1]} classes, "
+                       f"its config.json says {config.num_labels}")
     m = measure.accuracy_and_loss(logits, ds.labels)
     seq = max(1, round(ds.mean_length()))
     row = {"model": str(d), "name": d.name, "runtime": info.get("runtime", "onnx"), "split": settings.split,

@@ -18,8 +18,8 @@ from .data import TextData, encode_split
 from .distill import make_weighting
 from .errors import DpqError
 from .quant import methods, packed
-from .quant.methods import TRAINED
 from .quant.fake import QTensor
+from .quant.methods import TRAINED
 from .quant.ptq import QuantConfig, calibration_batches, quantize_model
 from .quant.qat import QATConfig, convert_qat, prepare_qat
 from .quant.vocab import trim_vocab, used_token_ids
@@ -51,7 +51,8 @@ def _seal_quantized(model, tok, qweights: dict[str, QTensor], out: Path, *, sett
 def _trim(model, tok, data: TextData, settings: QuantizeSettings) -> dict:
     keep = used_token_ids(tok, data.split("train").texts, settings.max_length, keep_first=settings.trim_keep_first)
     done = trim_vocab(model, keep, tok.unk_token_id)
-    log.info("vocabulary trimmed to %d of %d tokens (the training data's%s)", done["kept_tokens"], done["original_tokens"],
+    log.info("vocabulary trimmed to %d of %d tokens (the training data's%s)",
+             done["kept_tokens"], done["original_tokens"],
              f" and the first {settings.trim_keep_first} ids" if settings.trim_keep_first else "")
     return done
 
@@ -176,7 +177,8 @@ def _int4_files(settings: ExportSettings, fp32: Path, tmp: Path, weights: dict) 
         made = onnx_quant.int4_onnx(fp32, first, weights, accuracy_level=levels[0])
         for lvl in levels:  # same weights: other levels rewrite only the attribute
             key = f"nbits-level{lvl}"
-            files[key] = first if lvl == levels[0] else onnx_quant.with_accuracy_level(first, tmp / f"{key}.onnx.tmp", lvl)
+            files[key] = (first if lvl == levels[0]
+                          else onnx_quant.with_accuracy_level(first, tmp / f"{key}.onnx.tmp", lvl))
             infos[key] = dict(made, kernels="MatMulNBits", accuracy_level=lvl)
     if settings.int4_kernels in ("auto", "int8"):
         files["int8"] = tmp / "int8-kernels.onnx.tmp"

@@ -170,7 +170,8 @@ class _Checkpoint:
         rng = files["rng.safetensors"]
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+            torch.cuda.set_rng_state_all(
+                [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
         pr = meta["python_rng"]
         random.setstate((pr[0], tuple(pr[1]), pr[2]))
         return meta

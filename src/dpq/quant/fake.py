@@ -88,7 +88,8 @@ def group_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -
     return scales, zeros
 
 
-def quantize_with(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def quantize_with(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                  group_size: int) -> torch.Tensor:
     """Codes of ``w`` on a given grid (round to nearest, clamp)."""
     cols = w.shape[1]
     s = _expand(scales, cols, group_size)

@@ -210,8 +210,9 @@ def int4_int8_kernels_onnx(fp32_onnx: Path, out: Path, weights: dict[str, tuple[
     # tables (GatherBlockQuantized) and any Gemm the int8 pass left fp32 (MatMulNBits) were rewritten there
     rewritten = set(weights) - {x.split(":")[0] for x in gathers["left_fp32"]}
     missing = [f"{n}: not stored in 4 bits" for n in sorted(set(weights) - rewritten - set(stored))]
-    return {"kernels": "int8", "accuracy_level": None, "weight_type": info["weight_type"], "reduce_range": info["reduce_range"],
-            "why": info["why"], "fused_attention": info["fused_attention"], "int4_stored_int8_run": len(stored),
+    return {"kernels": "int8", "accuracy_level": None, "weight_type": info["weight_type"],
+            "reduce_range": info["reduce_range"], "why": info["why"], "fused_attention": info["fused_attention"],
+            "int4_stored_int8_run": len(stored),
             "gather_block_quantized": gathers["gather_block_quantized"],
             "matmul_nbits": gathers["matmul_nbits"], "left": left + missing}
 

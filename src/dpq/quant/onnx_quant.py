@@ -178,8 +178,8 @@ def int4_onnx(fp32_onnx: Path, out: Path, weights: dict[str, tuple[torch.Tensor,
                     name=f"{node.name or tag}_Q4", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
                     block_size=q.group_size, bits=4)]
                 if half:
-                    new_nodes[id(node)].append(helper.make_node("Cast", [rows_out], [node.output[0]],
-                                                                name=f"{node.name or tag}_Q4_cast", to=TensorProto.FLOAT))
+                    new_nodes[id(node)].append(helper.make_node(
+                        "Cast", [rows_out], [node.output[0]], name=f"{node.name or tag}_Q4_cast", to=TensorProto.FLOAT))
                 counts["gather_block_quantized"] += 1
             else:
                 how = "Gemm with transA/alpha/beta/bias it cannot express" if op == "Gemm" else f"input {idx} of {op}"
@@ -250,8 +250,8 @@ def session_variants(path: Path) -> list[tuple[str, ...]]:
     return [()] + ([SLOW_FUSIONS] if ops.get("SkipLayerNormalization") else [])
 
 
-def pick_fastest(candidates: dict[str, tuple[Path, tuple[str, ...]]], *, seq: int = 32, batches: tuple[int, ...] = (1, 32)
-                 ) -> tuple[str, dict[str, dict[str, float]]]:
+def pick_fastest(candidates: dict[str, tuple[Path, tuple[str, ...]]], *, seq: int = 32,
+                 batches: tuple[int, ...] = (1, 32)) -> tuple[str, dict[str, dict[str, float]]]:
     """The (file, disabled ORT optimizers) candidate that runs fastest here: median ms at each batch x seq
     (interleaved, so load hits all alike), ranked by the geometric mean over the batch sizes.
 
