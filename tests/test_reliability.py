@@ -34,7 +34,10 @@ def _teacher_cmd(model, data, out):
 
 
 def _start_and_interrupt(cmd, work: Path, sig: int, env: dict, min_step: int) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a shell that starts jobs in the background (as CI runners may) hands them SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt: give the child the default disposition, as a terminal would
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = work / "checkpoint" / "state.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

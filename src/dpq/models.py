@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from . import artifacts
+from . import artifacts, transforms
 from .errors import DpqError
 
 log = logging.getLogger("dpq")
@@ -188,7 +188,7 @@ def load_classifier(model_id: str, *, num_labels: int | None = None, label_names
         # attention-map distillation needs the probabilities, which the fused SDPA kernel does not return
         config._attn_implementation = "eager"
     try:
-        if any(getattr(config, k, None) for k in ("dpq_kept_heads", "dpq_quant", "dpq_vocab_original")):
+        if transforms.applied(config):
             model = _load_built(src, config, eager_attention)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -204,12 +204,9 @@ def load_classifier(model_id: str, *, num_labels: int | None = None, label_names
 
 def build_classifier(config, eager_attention: bool = False):
     """An untrained model with the shapes ``config`` records: pruned layer sizes, a trimmed vocabulary."""
-    from .prune import restore_structure
-    from .quant.vocab import restore_vocab
-
     model = AutoModelForSequenceClassification.from_config(
         config, attn_implementation="eager" if eager_attention else None)
-    return restore_vocab(restore_structure(model))
+    return transforms.rebuild_shapes(model)
 
 
 def _load_built(src: str, config, eager_attention: bool):
@@ -218,16 +215,14 @@ def _load_built(src: str, config, eager_attention: bool):
     from safetensors.torch import load_model as load_weights
 
     model = build_classifier(config, eager_attention)
-    quant = getattr(config, "dpq_quant", None)
-    if quant:
-        from .quant.packed import dequantized_state
-
-        state = dequantized_state(Path(src), quant)
+    read = transforms.weights_reader(config)
+    if read is not None:
+        state = read(Path(src))
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = getattr(model, "_tied_weights_keys", None) or {}
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
-            raise DpqError(f"{src}: quantized checkpoint does not match its config "
+            raise DpqError(f"{src}: weights do not match the config's recorded transforms "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     else:
         load_weights(model, str(Path(src) / "model.safetensors"), strict=True)

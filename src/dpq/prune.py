@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import transforms
 from .errors import DpqError
 
 IMPORTANCE = ("magnitude", "kd-gradient", "combined")
@@ -355,6 +356,7 @@ def remove_masked(model: nn.Module, masks: HeadFfnMasks) -> dict:
         ffn_sizes.append(len(kf))
     model.config.dpq_kept_heads = kept_heads
     model.config.dpq_ffn_sizes = ffn_sizes
+    transforms.record(model.config, "prune")
     _install_bias_selectors(model, kept_heads)
     return {"kept_heads": kept_heads, "ffn_sizes": ffn_sizes}
 
@@ -371,3 +373,6 @@ def restore_structure(model: nn.Module) -> nn.Module:
         shrink_layer(l, torch.arange(len(heads), device=dev), torch.arange(f, device=dev))
     _install_bias_selectors(model, kept)
     return model
+
+
+transforms.register(transforms.Rebuild("prune", 1, "dpq_kept_heads", shape=restore_structure))

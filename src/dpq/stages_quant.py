@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import artifacts, devices, export, measure, models
+from . import artifacts, devices, export, measure, models, transforms
 from .data import TextData, encode_split
 from .distill import make_weighting
 from .errors import DpqError
@@ -38,6 +38,7 @@ def _seal_quantized(model, tok, qweights: dict[str, QTensor], out: Path, *, sett
         return out
     with artifacts.artifact_dir(out, kind="quantize", settings=settings) as tmp:
         model.config.dpq_quant = packed.save_packed(model, qweights, tmp, meta)
+        transforms.record(model.config, "quant-packed")
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         artifacts.write_json_atomic(tmp / "metrics.json", metrics)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import transforms
 from ..errors import DpqError
 from .fake import QTensor, has_fp16_scales, pack_int4, unpack_int4
 
@@ -78,3 +79,7 @@ def load_qtensors(folder: Path, quant_cfg: dict) -> tuple[dict[str, QTensor], di
 def dequantized_state(folder: Path, quant_cfg: dict) -> dict[str, torch.Tensor]:
     q, rest = load_qtensors(folder, quant_cfg)
     return dict(rest, **{k: v.dequantize() for k, v in q.items()})
+
+
+transforms.register(transforms.Rebuild("quant-packed", 1, "dpq_quant",
+                                        weights=lambda folder, config: dequantized_state(folder, config.dpq_quant)))

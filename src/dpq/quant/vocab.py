@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import transforms
 from ..errors import DpqError
 
 
@@ -72,6 +73,7 @@ def trim_vocab(model: nn.Module, keep: list[int], unk_id: int) -> dict:
     new.remap[keep_t] = torch.arange(len(keep), dtype=torch.int32, device=old.weight.device)
     setattr(parent, name, new)
     model.config.dpq_vocab_original = vocab
+    transforms.record(model.config, "vocab")
     model.config.vocab_size = len(keep)
     return {"kept_tokens": len(keep), "original_tokens": vocab}
 
@@ -86,3 +88,6 @@ def restore_vocab(model: nn.Module) -> nn.Module:
     setattr(parent, name, RemappedEmbedding(old.num_embeddings, old.embedding_dim, original, old.padding_idx,
                                             device=old.weight.device))
     return model
+
+
+transforms.register(transforms.Rebuild("vocab", 1, "dpq_vocab_original", shape=restore_vocab))
