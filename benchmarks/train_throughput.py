@@ -25,7 +25,7 @@ from dpq import devices, measure, models
 from dpq.data import encode_split, load_data
 from dpq.distill import KDConfig, KDLoss
 from dpq.stages import pad_ids
-from dpq.train import TrainConfig, train
+from dpq.train import Hook, TrainConfig, train
 
 TEACHER = "sentence-transformers/all-mpnet-base-v2"
 STUDENT = "sentence-transformers/all-MiniLM-L6-v2"
@@ -79,16 +79,17 @@ def main() -> None:
         trainables, loss_fn, ds, pads = _stage(name, data, (args.steps + args.warmup) * args.batch_size)
         marks = {}
 
-        def clock(step: int) -> None:
-            if step in (args.warmup, args.warmup + args.steps):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                marks[step] = time.perf_counter()
+        class Clock(Hook):
+            def after_step(self, step: int) -> None:
+                if step in (args.warmup, args.warmup + args.steps):
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    marks[step] = time.perf_counter()
 
         with tempfile.TemporaryDirectory() as work:
             cfg = TrainConfig(epochs=1, lr=2e-5, batch_size=args.batch_size, checkpoint_every=10**9,
                               checkpoint_minutes=10**6, log_every=50)
-            train(trainables, loss_fn, ds, pads, cfg, Path(work), after_backward=clock, desc=name)
+            train(trainables, loss_fn, ds, pads, cfg, Path(work), hooks=[Clock()], desc=name)
         secs = marks[args.warmup + args.steps] - marks[args.warmup]
         print(f"| {name} | {args.steps / secs:.1f} | {args.steps * args.batch_size / secs:.0f} | {secs:.1f} |",
               flush=True)

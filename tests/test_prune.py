@@ -146,7 +146,7 @@ def test_interrupted_pruning_run_resumes_to_the_same_model(tiny_models, sst2_sli
     from dpq.data import load_data
     from dpq.recipe import PruneSettings, TeacherSettings
     from dpq.stages import finetune_stage, prune_stage
-    from dpq.train import _StopForTest
+    from dpq.train import StopAt, _StopForTest
 
     data = load_data(sst2_slice)
     t = finetune_stage(TeacherSettings(epochs=1, max_train_samples=32, batch_size=16), str(tiny_models["teacher"]),
@@ -156,7 +156,7 @@ def test_interrupted_pruning_run_resumes_to_the_same_model(tiny_models, sst2_sli
     settings = dataclasses.asdict(s)
     a = prune_stage(s, tiny_models["student"], t, data, tmp_path / "a", stage_settings=settings)
     with pytest.raises(_StopForTest):
-        prune_stage(s, tiny_models["student"], t, data, tmp_path / "b", stage_settings=settings, stop_after_steps=5)
+        prune_stage(s, tiny_models["student"], t, data, tmp_path / "b", stage_settings=settings, hooks=[StopAt(5)])
     assert not (tmp_path / "b").exists()  # a killed stage leaves no folder that looks complete
     b = prune_stage(s, tiny_models["student"], t, data, tmp_path / "b", stage_settings=settings)
     ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())

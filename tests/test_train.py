@@ -7,7 +7,7 @@ from torch import nn
 from dpq import models
 from dpq.data import encode_split, load_data
 from dpq.errors import DpqError
-from dpq.train import TrainConfig, _StopForTest, train
+from dpq.train import StopAt, TrainConfig, _StopForTest, train
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
 
     model, ds, pads = setup()
     with pytest.raises(_StopForTest):  # "killed" at step 8: last checkpoint at step 6 (epoch 2, batch 1)
-        train(model, ce_loss(model), ds, pads, CFG, tmp_path / "b", stop_after_steps=8)
+        train(model, ce_loss(model), ds, pads, CFG, tmp_path / "b", hooks=[StopAt(8)])
     state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 7 and state["epoch"] == 1  # the end-of-epoch checkpoint
     model, ds, pads = setup()  # a fresh process: weights from the pretrained folder again
@@ -65,7 +65,7 @@ def test_checkpoint_mid_epoch_resumes_same_data_order(setup, tmp_path):
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     model, ds, pads = setup()
     with pytest.raises(_StopForTest):
-        train(model, ce_loss(model), ds, pads, cfg, tmp_path / "b", stop_after_steps=10)
+        train(model, ce_loss(model), ds, pads, cfg, tmp_path / "b", hooks=[StopAt(10)])
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["batch_in_epoch"] == 8
     model, ds, pads = setup()
     train(model, ce_loss(model), ds, pads, cfg, tmp_path / "b")
@@ -107,7 +107,7 @@ def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(setup, tmp_path):
 def test_checkpoint_holds_no_pickle(setup, tmp_path):
     model, ds, pads = setup()
     with pytest.raises(_StopForTest):
-        train(model, ce_loss(model), ds, pads, CFG, tmp_path / "w", stop_after_steps=4)
+        train(model, ce_loss(model), ds, pads, CFG, tmp_path / "w", hooks=[StopAt(4)])
     names = sorted(p.name for p in (tmp_path / "w" / "checkpoint").iterdir())
     assert names == ["optimizer.safetensors", "rng.safetensors", "state.json", "weights.safetensors"]
 
@@ -167,7 +167,7 @@ def test_the_gpu_loop_options_run_and_resume_on_the_cpu(setup, tmp_path, monkeyp
     assert [r["step"] for r in rows] == [2, 4, 6, 7, 8, 10, 12, 14]  # every log_every steps, and at epoch ends
     model, ds, pads = setup()
     with pytest.raises(_StopForTest):
-        train(model, ce_loss(model), ds, pads, cfg, tmp_path / "b", stop_after_steps=5)
+        train(model, ce_loss(model), ds, pads, cfg, tmp_path / "b", hooks=[StopAt(5)])
     # checkpoints by time are decided at log rows: with a deadline already past, every row saves one
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 4
     assert (tmp_path / "b" / "checkpoint.prev").is_dir()  # the generation before it, kept for a damaged newest

@@ -286,6 +286,29 @@ def cubic_fraction(step: int, start: int, end: int) -> float:
     return 1.0 - (1.0 - t) ** 3
 
 
+class PruneSchedule:
+    """The training loop's hook for gradual pruning: accumulates gradient sensitivity every step and grows the
+    masks on the cubic schedule every ``update_every`` steps from ``start`` to ``end`` (1-based steps). Masks and
+    the importance window are buffers of modules the stage trains, so a resumed run continues the same schedule."""
+
+    def __init__(self, model: nn.Module, masks: HeadFfnMasks, sens: GradientSensitivity, cfg: PruneConfig,
+                 start: int, end: int, update_every: int):
+        self.model, self.masks, self.sens, self.cfg = model, masks, sens, cfg
+        self.start, self.end, self.update_every = start, end, update_every
+
+    def after_backward(self, step: int) -> None:
+        if self.cfg.importance != "magnitude":
+            self.sens.accumulate()
+        due = step >= self.start and ((step - self.start) % self.update_every == 0 or step == self.end)
+        if due and step <= self.end:
+            self.masks.update(importance(self.model, self.sens.scores(), self.cfg), self.cfg,
+                              cubic_fraction(step, self.start, self.end))
+            self.sens.reset()
+
+    def after_step(self, step: int) -> None:
+        pass
+
+
 # ----------------------------------------------------------------------------- surgery
 
 

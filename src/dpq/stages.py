@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,7 +27,7 @@ from .data import TextData, encode_split
 from .distill import KDConfig, KDLoss, ensemble_logits, make_weighting
 from .errors import DpqError
 from .recipe import DistillSettings, EvaluateSettings, PruneSettings, TrainSettings
-from .train import TrainConfig, set_seed, train
+from .train import Hook, TrainConfig, set_seed, train
 
 log = logging.getLogger("dpq")
 
@@ -102,7 +103,7 @@ def _summary(kind: str, out: Path, metrics: dict) -> None:
 
 
 def finetune_stage(settings: TrainSettings, model_id: str, data: TextData, out: Path, *, kind: str,
-                   stage_settings: dict, stop_after_steps: int | None = None) -> Path:
+                   stage_settings: dict, hooks: Sequence[Hook] = ()) -> Path:
     """Fine-tune ``model_id`` with cross-entropy (the teacher, or the no-KD student baseline)."""
     out = Path(out)
     check_writable(out)
@@ -123,7 +124,7 @@ def finetune_stage(settings: TrainSettings, model_id: str, data: TextData, out: 
     result = train(model, loss_fn, train_set, pads, TrainConfig.from_settings(dataclasses.asdict(settings)), work,
                    evaluate=lambda: measure.evaluate_model(model, dev_set, pads),
                    best_state=_state_cloner(model), restore_best=model.load_state_dict,
-                   fingerprint=fp, stop_after_steps=stop_after_steps, desc=kind)
+                   fingerprint=fp, hooks=hooks, desc=kind)
     metrics = dict(result.best_metrics, params=models.param_count(model), train_examples=len(train_set),
                    train_steps=result.steps, train_seconds=result.seconds, history=result.history)
     _seal(model, tok, out, work, kind=kind, settings=stage_settings, metrics=metrics)
@@ -289,7 +290,7 @@ def _kd_config(settings) -> KDConfig:
 
 
 def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, out: Path, *,
-                  stage_settings: dict, stop_after_steps: int | None = None) -> Path:
+                  stage_settings: dict, hooks: Sequence[Hook] = ()) -> Path:
     out, teacher_dir = Path(out), Path(teacher_dir)
     check_writable(out)
     kd_cfg = _kd_config(settings)
@@ -301,7 +302,7 @@ def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, 
     result = train(nn.ModuleDict({"student": student, "kd": ses.kd}), ses.loss_fn, ses.train_set, ses.pads,
                    TrainConfig.from_settings(dataclasses.asdict(settings)), work, evaluate=ses.evaluate,
                    best_state=_state_cloner(student), restore_best=student.load_state_dict,
-                   fingerprint=fp, stop_after_steps=stop_after_steps, desc="distill")
+                   fingerprint=fp, hooks=hooks, desc="distill")
     if kd_cfg.attention_weight > 0 and hasattr(student, "set_attn_implementation"):
         student.set_attn_implementation("sdpa")  # saved model serves with the fast kernel
     metrics = dict(result.best_metrics, params=models.param_count(student), train_examples=len(ses.train_set),
@@ -327,7 +328,7 @@ def prune_fractions(settings: PruneSettings, model) -> tuple[float, float]:
 
 
 def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, data: TextData, out: Path, *,
-                stage_settings: dict, stop_after_steps: int | None = None) -> Path:
+                stage_settings: dict, hooks: Sequence[Hook] = ()) -> Path:
     """Gradual structured pruning under KD (cubic schedule, masks), recovery training, then real removal."""
     out, model_dir, teacher_dir = Path(out), Path(model_dir), Path(teacher_dir)
     check_writable(out)
@@ -347,24 +348,13 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
     steps_per_epoch = -(-len(ses.train_set) // tcfg.batch_size)
     total = steps_per_epoch * tcfg.epochs
     start, end = int(settings.prune_start * total), max(1, int(settings.prune_end * total))
-    uses_grad = cfg.importance != "magnitude"
-
-    def after_backward(step: int) -> None:
-        """Called with the 1-based step just computed; gradients are still in place."""
-        if uses_grad:
-            sens.accumulate()
-        due = step >= start and ((step - start) % settings.update_every == 0 or step == end)
-        if due and step <= end:
-            masks.update(prune.importance(student, sens.scores(), cfg), cfg, prune.cubic_fraction(step, start, end))
-            sens.reset()
-
+    schedule = prune.PruneSchedule(student, masks, sens, cfg, start, end, settings.update_every)
     work = work_dir_for(out)
     fp = artifacts.settings_hash(dict(stage_settings, train_data=ses.train_split.fingerprint()))
     result = train(nn.ModuleDict({"student": student, "kd": ses.kd, "masks": masks, "sens": sens}), ses.loss_fn,
                    ses.train_set, ses.pads, tcfg, work, evaluate=ses.evaluate,
                    best_state=_state_cloner(student), restore_best=student.load_state_dict,
-                   fingerprint=fp, stop_after_steps=stop_after_steps, desc="prune",
-                   after_backward=after_backward, best_after_step=end)
+                   fingerprint=fp, hooks=(schedule, *hooks), desc="prune", best_after_step=end)
     got = masks.fractions()
     if got[0] + 1e-6 < heads * 0.99 or got[1] + 1e-6 < ffn * 0.99:  # schedule ended early: reach the target now
         masks.update(prune.importance(student, sens.scores(), cfg), cfg, 1.0)

@@ -9,6 +9,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from .quant.qat import QATConfig, convert_qat, prepare_qat
 from .quant.vocab import trim_vocab, used_token_ids
 from .recipe import ExportSettings, QuantizeSettings
 from .stages import _kd_config, _state_cloner, check_writable, kd_session, pad_ids, require_model, work_dir_for
-from .train import TrainConfig, train
+from .train import Hook, TrainConfig, train
 
 log = logging.getLogger("dpq")
 
@@ -71,11 +72,11 @@ def _meta(settings: QuantizeSettings, method: str, model_dir: Path) -> dict:
 
 
 def quantize_stage(settings: QuantizeSettings, method: str, model_dir: Path, teacher_dir: Path | None, data: TextData,
-                   out: Path, *, stage_settings: dict, stop_after_steps: int | None = None) -> Path:
+                   out: Path, *, stage_settings: dict, hooks: Sequence[Hook] = ()) -> Path:
     """``dpq quantize --method M``: QAT trains (its own stage), every other method is post-training."""
     if method in TRAINED:
         return qat_stage(settings, model_dir, teacher_dir, data, out, stage_settings=stage_settings,
-                         stop_after_steps=stop_after_steps)
+                         hooks=hooks)
     return ptq_stage(settings, method, model_dir, data, out, stage_settings=stage_settings)
 
 
@@ -115,7 +116,7 @@ def ptq_stage(settings: QuantizeSettings, method: str, model_dir: Path, data: Te
 
 
 def qat_stage(settings: QuantizeSettings, model_dir: Path, teacher_dir: Path | None, data: TextData, out: Path, *,
-              stage_settings: dict, stop_after_steps: int | None = None) -> Path:
+              stage_settings: dict, hooks: Sequence[Hook] = ()) -> Path:
     """Quantization-aware training with KD from the teacher (and, for EKD, from the fp32 model it starts from)."""
     out, model_dir = Path(out), Path(model_dir)
     check_writable(out)
@@ -142,7 +143,7 @@ def qat_stage(settings: QuantizeSettings, model_dir: Path, teacher_dir: Path | N
     result = train(nn.ModuleDict({"student": student, "kd": ses.kd}), ses.loss_fn, ses.train_set, ses.pads,
                    TrainConfig.from_settings(dataclasses.asdict(settings)), work, evaluate=ses.evaluate,
                    best_state=_state_cloner(student), restore_best=student.load_state_dict,
-                   fingerprint=fp, stop_after_steps=stop_after_steps, desc="quantize-qat")
+                   fingerprint=fp, hooks=hooks, desc="quantize-qat")
     q = convert_qat(student)
     final = ses.evaluate()
     gor = {}

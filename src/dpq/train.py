@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -191,6 +191,30 @@ class _StopForTest(Exception):
     """Simulates a kill at a given step (no checkpoint written at that moment)."""
 
 
+class Hook:
+    """What a stage adds to the loop, without the loop knowing the stage. Both methods get the 1-based step:
+    ``after_backward`` while its gradients are still in place (before clipping and the optimizer),
+    ``after_step`` once the step is counted, before any checkpoint of it. A hook's state that must survive a resume
+    belongs in a module among the trainables (its buffers are checkpointed with them)."""
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        pass
+
+
+class StopAt(Hook):
+    """Stops the run after ``step`` steps, with no checkpoint at that moment: how tests simulate a kill."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_step(self, step: int) -> None:
+        if step >= self.step:
+            raise _StopForTest()
+
+
 def train(
     trainables: torch.nn.Module,
     loss_fn: Callable[[dict], tuple[torch.Tensor, dict]],
@@ -203,9 +227,8 @@ def train(
     best_state: Callable[[], dict[str, torch.Tensor]] | None = None,
     restore_best: Callable[[dict[str, torch.Tensor]], None] | None = None,
     fingerprint: str = "",
-    stop_after_steps: int | None = None,
     desc: str = "train",
-    after_backward: Callable[[int], None] | None = None,
+    hooks: Sequence[Hook] = (),
     best_after_step: int = 0,
 ) -> TrainResult:
     """Train ``trainables`` (a module holding the model and any auxiliary trained modules).
@@ -213,7 +236,7 @@ def train(
     ``evaluate()`` returns metrics with an ``accuracy`` key; the best-scoring weights (``best_state()``)
     are kept in ``work_dir/best.safetensors`` and restored at the end through ``restore_best``; evaluations
     before ``best_after_step`` are logged but cannot be best (a pruning run is only final after its schedule).
-    ``after_backward(step)`` sees the gradients of each step before the optimizer uses them.
+    ``hooks`` (``Hook``) see each step's gradients and its end: a pruning schedule, a test's simulated kill.
     """
     work_dir = Path(work_dir)
     main = devices.is_main()
@@ -326,8 +349,8 @@ def train(
                 with accelerator.autocast():
                     loss, logs = loss_fn(batch)
                 accelerator.backward(loss)
-                if after_backward is not None:
-                    after_backward(state["step"] + 1)
+                for h in hooks:
+                    h.after_backward(state["step"] + 1)
                 if cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainables.parameters(), cfg.max_grad_norm)
                 optimizer.step()
@@ -346,8 +369,8 @@ def train(
                     flush()
                 if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["batch_in_epoch"] < steps_per_epoch:
                     run_eval()
-                if stop_after_steps is not None and state["step"] >= stop_after_steps:
-                    raise _StopForTest()
+                for h in hooks:
+                    h.after_step(state["step"])
                 if checkpoint_due():
                     save_checkpoint()
             state["epoch"] += 1
