@@ -68,6 +68,9 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=["teacher", "baseline", "distill-hidden"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
     devices.set_choice(args.device)
     data = load_data(args.data)
     dev = devices.device()
