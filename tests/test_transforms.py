@@ -26,16 +26,23 @@ def pruned_trimmed(tiny_models, tmp_path):
 def test_transforms_record_themselves_and_the_folder_rebuilds(tiny_models, tmp_path):
     model, tok, folder = pruned_trimmed(tiny_models, tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["dpq_transforms"] == [{"name": "prune", "version": 1}, {"name": "vocab", "version": 1}]
-    again, _ = models.load_model(folder)
+    assert cfg["dpq_transforms"] == [{"name": "prune", "version": 1, "module": "dpq.prune"},
+                                     {"name": "vocab", "version": 1, "module": "dpq.quant.vocab"}]
     x = tok(["a charming journey", "bleak"], padding=True, return_tensors="pt")
+    again, _ = models.load_model(folder)
     with torch.no_grad():
         torch.testing.assert_close(again(**x).logits, model(**x).logits)
+    del cfg["dpq_transforms"]  # a folder written before records existed: rebuilt from its keys
+    (folder / "config.json").write_text(json.dumps(cfg))
+    older, _ = models.load_model(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(older(**x).logits, model(**x).logits)
 
 
 @pytest.mark.parametrize("record, message", [
     ({"name": "prune", "version": 2}, "prune version 2; this dpq reads up to version 1"),
-    ({"name": "sparsify", "version": 1}, "records transform 'sparsify', which this dpq does not know"),
+    ({"name": "sparsify", "version": 1, "module": "dpq_sparsify"},
+     "transform 'sparsify', which this dpq does not know"),
 ])
 def test_a_record_this_dpq_cannot_rebuild_is_refused(tiny_models, tmp_path, record, message):
     _, _, folder = pruned_trimmed(tiny_models, tmp_path)
@@ -52,6 +59,7 @@ def test_a_registered_rebuild_is_applied_by_the_loader(tiny_models):
     try:
         model, _ = models.load_classifier(str(tiny_models["student"]))
         model.config.dpq_toy = {"anything": 1}
+        transforms.record(model.config, "toy")
         built = models.build_classifier(model.config)
         assert seen == [built]
     finally:

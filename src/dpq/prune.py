@@ -398,4 +398,4 @@ def restore_structure(model: nn.Module) -> nn.Module:
     return model
 
 
-transforms.register(transforms.Rebuild("prune", 1, "dpq_kept_heads", shape=restore_structure))
+transforms.register(transforms.Rebuild("prune", 1, "dpq_kept_heads", shape=restore_structure, module=__name__))

@@ -11,6 +11,7 @@ instead of loading wrong.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,10 +26,13 @@ class Rebuild:
     key: str  # the config attribute that holds the transform's record
     shape: Callable | None = None  # (model) -> model with the recorded shapes
     weights: Callable | None = None  # (folder, config) -> state dict, when not a plain model.safetensors
+    module: str = ""  # where it registers: a loader imports it by name when a record asks for it
 
 
 _TABLE: dict[str, Rebuild] = {}
-_loaded = False
+# folders written before records existed: which module rebuilds each key (names, not imports: loaded on demand)
+_LEGACY = {"dpq_kept_heads": ("prune", "dpq.prune"), "dpq_vocab_original": ("vocab", "dpq.quant.vocab"),
+           "dpq_quant": ("quant-packed", "dpq.quant.packed")}
 
 
 def register(rebuild: Rebuild) -> Rebuild:
@@ -38,34 +42,40 @@ def register(rebuild: Rebuild) -> Rebuild:
     return rebuild
 
 
-def _table() -> dict[str, Rebuild]:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import prune  # noqa: F401  (each registers its rebuild on import)
-        from .quant import packed, vocab  # noqa: F401
-    return _TABLE
-
-
 def record(config, name: str) -> None:
-    """Note on ``config`` that transform ``name`` (at its registered version) was applied."""
-    version = _table()[name].version
-    done = [r for r in (getattr(config, "dpq_transforms", None) or []) if r.get("name") != name]
-    config.dpq_transforms = done + [{"name": name, "version": version}]
+    """Note on ``config`` that transform ``name`` (registered, at its version) was applied."""
+    r = _TABLE[name]
+    done = [x for x in (getattr(config, "dpq_transforms", None) or []) if x.get("name") != name]
+    config.dpq_transforms = done + [{"name": name, "version": r.version, "module": r.module}]
+
+
+def _records(config) -> list[dict]:
+    recs = getattr(config, "dpq_transforms", None)
+    if recs is not None:
+        return recs
+    return [{"name": n, "version": 1, "module": m} for k, (n, m) in _LEGACY.items() if getattr(config, k, None)]
 
 
 def applied(config) -> list[Rebuild]:
-    """The registered transforms whose records ``config`` holds; refuses records this dpq cannot rebuild."""
-    table = _table()
-    for rec in getattr(config, "dpq_transforms", None) or []:
-        known = table.get(rec.get("name"))
+    """The transforms ``config`` records, in the order they were applied; their modules are imported on demand.
+    Refuses a record this dpq cannot rebuild."""
+    out = []
+    for rec in _records(config):
+        name = rec.get("name")
+        if name not in _TABLE and rec.get("module"):
+            try:
+                importlib.import_module(rec["module"])
+            except ImportError:
+                pass
+        known = _TABLE.get(name)
         if known is None:
-            raise DpqError(f"config.json records transform {rec.get('name')!r}, which this dpq does not know "
+            raise DpqError(f"config.json records transform {name!r}, which this dpq does not know "
                            "(made by a newer dpq or a plugin that is not installed)")
         if rec.get("version", 1) > known.version:
             raise DpqError(f"config.json records {known.name} version {rec['version']}; this dpq reads up to "
                            f"version {known.version} (upgrade dpq)")
-    return [r for r in table.values() if getattr(config, r.key, None)]
+        out.append(known)
+    return out
 
 
 def rebuild_shapes(model):

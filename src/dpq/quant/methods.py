@@ -47,15 +47,13 @@ _loaded = False
 
 
 def _builtins() -> None:
-    """dpq's own methods, and those of installed packages that declare a ``dpq.quant_methods`` entry point (a module
-    that registers on import), so the ``dpq`` command sees them too."""
+    """Methods of installed packages that declare a ``dpq.quant_methods`` entry point (a module that registers on
+    import), so the ``dpq`` command sees them too. dpq's own register when ``dpq.quant`` is imported."""
     global _loaded
     if _loaded:
         return
     _loaded = True
     from importlib.metadata import entry_points
-
-    from . import ptq  # noqa: F401  (registers rtn and gptq)
 
     for ep in entry_points(group="dpq.quant_methods"):
         ep.load()

@@ -82,4 +82,5 @@ def dequantized_state(folder: Path, quant_cfg: dict) -> dict[str, torch.Tensor]:
 
 
 transforms.register(transforms.Rebuild("quant-packed", 1, "dpq_quant",
-                                        weights=lambda folder, config: dequantized_state(folder, config.dpq_quant)))
+                                        weights=lambda folder, config: dequantized_state(folder, config.dpq_quant),
+                                        module=__name__))

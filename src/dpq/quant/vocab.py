@@ -90,4 +90,4 @@ def restore_vocab(model: nn.Module) -> nn.Module:
     return model
 
 
-transforms.register(transforms.Rebuild("vocab", 1, "dpq_vocab_original", shape=restore_vocab))
+transforms.register(transforms.Rebuild("vocab", 1, "dpq_vocab_original", shape=restore_vocab, module=__name__))
