@@ -146,17 +146,12 @@ def test_head_initialisation_follows_the_seed_not_the_process(tiny_models, sst2_
 
 
 @pytest.mark.filterwarnings("ignore:.pin_memory. argument")
-def test_the_gpu_loop_options_run_and_resume_on_the_cpu(setup, tmp_path, monkeypatch, request):
+def test_the_gpu_loop_options_run_and_resume_on_the_cpu(setup, tmp_path, monkeypatch):
     """What only a GPU turns on (bf16 autocast, fused AdamW, worker-collated pinned batches, checkpoints by wall
     time, loss read once per row), exercised here where CI can see it: the loop is told it has a GPU and gets the
     CPU, where every one of those also works."""
-    from accelerate.state import AcceleratorState
-
     from dpq import devices
 
-    # one process keeps one precision for good (Accelerate's state is process-wide): start this test's afresh
-    AcceleratorState._reset_state(reset_partial_state=True)
-    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     monkeypatch.setattr(devices, "use_cuda", lambda: True)
     monkeypatch.setattr(devices, "device", lambda: torch.device("cpu"))
     cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=32, seed=7, log_every=2, checkpoint_minutes=1e-9)

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
@@ -246,6 +247,10 @@ def train(
     nproc = devices.num_processes()
     if cfg.batch_size % nproc:
         raise DpqError(f"batch_size {cfg.batch_size} does not split evenly over {nproc} processes")
+    if not devices.distributed():
+        # Accelerate keeps one device and precision per process; one process may train on the CPU, then on a GPU
+        # (tests, notebooks). Under a launcher the state holds the process group: left as it is.
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
     set_seed(cfg.seed)
     # each process takes its share of every batch: N processes step through the same global batches as one
