@@ -95,3 +95,19 @@ def tiny_models(sst2_slice, tmp_path_factory) -> dict[str, Path]:
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DPQ_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DPQ_DATA", raising=False)
+
+
+def wait_for_step(proc, state: Path, step: int) -> None:
+    """Poll a training process's checkpoint ``state.json`` until it reaches ``step``; fail if the process ends first."""
+    import json
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["step"] >= step:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before the test could act on it"

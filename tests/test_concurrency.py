@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_for_step
 from safetensors.torch import load_file
 
 from dpq import artifacts
@@ -28,18 +29,6 @@ def env(tmp_path):
 def teacher_cmd(model, data, out, *extra):
     return [sys.executable, "-m", "dpq", "teacher", "--model", str(model), "--data", str(data), "--out", str(out),
             *TRAIN, *extra]
-
-
-def wait_for_step(proc, state: Path, step: int) -> None:
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text())["step"] >= step:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.01)
-    assert proc.poll() is None, "training finished before the test could act on it"
 
 
 def same_weights(a: Path, b: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_for_step
 from safetensors.torch import load_file
 
 from dpq import artifacts
@@ -38,16 +39,7 @@ def _start_and_interrupt(cmd, work: Path, sig: int, env: dict, min_step: int) ->
     # never raises KeyboardInterrupt: give the child the default disposition, as a terminal would
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    state = work / "checkpoint" / "state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text())["step"] >= min_step:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.01)
-    assert proc.poll() is None, "training finished before it could be interrupted"
+    wait_for_step(proc, work / "checkpoint" / "state.json", min_step)
     proc.send_signal(sig)
     proc.wait(timeout=60)
     return proc

@@ -134,7 +134,8 @@ class _Checkpoint:
         os.replace(tmp, self.dir)
 
     def _read(self, folder: Path) -> tuple[dict, dict] | None:
-        """(state, tensors) of a whole checkpoint; None when it was made with other settings; raises when damaged."""
+        """(state, optimizer and RNG tensors) of a whole checkpoint; None when it was made with other settings;
+        raises when damaged. The weights are only checked here (size, header): ``load`` reads them once."""
         meta = json.loads((folder / "state.json").read_text())
         if meta.get("fingerprint") != self.fingerprint:
             return None
@@ -142,7 +143,9 @@ class _Checkpoint:
             got = (folder / name).stat().st_size
             if got != size:
                 raise ValueError(f"{name} is {got} bytes, {size} were written")
-        return meta, {n: load_file(str(folder / n)) for n in self.FILES}
+        with safe_open(str(folder / "weights.safetensors"), "pt"):
+            pass
+        return meta, {n: load_file(str(folder / n)) for n in self.FILES if n != "weights.safetensors"}
 
     def load(self, trainables, optimizer, scheduler) -> dict | None:
         found = None
@@ -161,7 +164,7 @@ class _Checkpoint:
         if found is None:
             return None
         meta, files = found
-        load_model(trainables, str(folder / "weights.safetensors"), strict=True)  # read whole above: it loads
+        load_model(trainables, str(folder / "weights.safetensors"), strict=True)  # its size and header checked
         opt_state: dict[int, dict] = {}
         for key, v in files["optimizer.safetensors"].items():
             i, k = key.split(".", 1)
