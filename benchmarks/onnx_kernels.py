@@ -5,7 +5,7 @@
 
 int8: dynamic quantization of the attention-fused graph with U8S8 (with and without reduce_range), per-tensor
 U8S8, U8U8, and with the embeddings left fp32. int4 (the --int4 folder's own codes): MatMulNBits at
-accuracy level 0 and 4, and the same codes expanded to int8 kernels when the session loads (``onnx_int4_int8``).
+accuracy level 0 and 4, and the same codes expanded to int8 kernels when the session loads (``dpq.onnx.int4_int8``).
 Files in which ORT fuses Add + LayerNorm into SkipLayerNormalization are also timed with that fusion switched off.
 Every file is timed round-robin in this process (2 threads, batch 1 and 32 x 25 tokens, median of 8 x 5 runs
 after warm-up) and its dev accuracy measured.
@@ -23,10 +23,11 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
 
-from dpq import export, measure, models
+from dpq import measure, models
 from dpq.data import encode_split, load_data
-from dpq.quant import onnx_quant, packed
-from dpq.quant.onnx_int4_int8 import int4_int8_kernels_onnx
+from dpq.onnx import export, int4, int8, runtime
+from dpq.onnx.int4_int8 import int4_int8_kernels_onnx
+from dpq.quant import packed
 
 INT8 = [("int8 U8S8 reduce_range", QuantType.QInt8, True, True, True),
         ("int8 U8S8", QuantType.QInt8, False, True, True),
@@ -45,10 +46,10 @@ def main() -> None:
     model, tok = models.load_classifier(args.model)
     files = {"fp32": export.export_onnx(model.eval(), tmp / "fp32.onnx")}
     g = onnx.load(str(files["fp32"]))
-    onnx_quant._explicit_heads(g)
+    int8._explicit_heads(g)
     onnx.save(g, str(tmp / "heads.onnx"))
     fusion = FusionOptions("bert")
-    fusion.enable_skip_layer_norm = False  # as dpq's int8 export: the session decides (see onnx_quant.SLOW_FUSIONS)
+    fusion.enable_skip_layer_norm = False  # as dpq's int8 export: the session decides (see runtime.SLOW_FUSIONS)
     optimize_model(str(tmp / "heads.onnx"), model_type="bert", num_heads=0, hidden_size=0, opt_level=1,
                    use_gpu=False, optimization_options=fusion).save_model_to_file(str(tmp / "fused.onnx"))
     for name, wt, rr, per_channel, emb in INT8:
@@ -65,7 +66,7 @@ def main() -> None:
         export.export_onnx(qm.eval(), tmp / "q32.onnx")
         for level in (0, 4):
             out = tmp / f"{len(files)}.onnx"
-            onnx_quant.int4_onnx(tmp / "q32.onnx", out, weights, accuracy_level=level)
+            int4.int4_onnx(tmp / "q32.onnx", out, weights, accuracy_level=level)
             files[f"int4 level {level}"] = out
         out = tmp / f"{len(files)}.onnx"
         int4_int8_kernels_onnx(tmp / "q32.onnx", out, weights)
@@ -73,17 +74,17 @@ def main() -> None:
     ds = encode_split(load_data(args.data).split("dev"), tok, 128)
     runs = {}  # each file as ORT loads it by default, and without the fusions dpq's export may switch off
     for name, f in files.items():
-        for off in onnx_quant.session_variants(f):
+        for off in runtime.session_variants(f):
             runs[name + (" (SkipLayerNorm fusion off)" if off else "")] = (f, off)
     fns, acc = [], {}
     for name, (f, off) in runs.items():
-        s = export.ort_session(f, threads=torch.get_num_threads(), disabled_optimizers=off)
-        logits = export.ort_predict_logits(s, ds, {"input_ids": tok.pad_token_id or 0})
+        s = runtime.ort_session(f, threads=torch.get_num_threads(), disabled_optimizers=off)
+        logits = runtime.ort_predict_logits(s, ds, {"input_ids": tok.pad_token_id or 0})
         acc[name] = (logits.argmax(-1) == torch.tensor(ds.labels)).float().mean().item()
         t = {}
         for bs in (1, 32):
             x = measure.dummy_batch(model, bs, 25)
-            t[f"bs{bs}"] = lambda s=s, x=x: export.ort_logits(s, x["input_ids"], x["attention_mask"])
+            t[f"bs{bs}"] = lambda s=s, x=x: runtime.ort_logits(s, x["input_ids"], x["attention_mask"])
         fns.append(t)
     res = measure.interleaved_latency_ms(fns, rounds=8, repeats=5, warmup=5)
     print("| file | dev acc | size MB | bs1 ms | bs32 ms | bs32 × vs fp32 |\n"

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from dpq import export, load_model, measure
+from dpq import load_model, measure
 from dpq.data import encode_split, load_data
+from dpq.onnx import export, runtime
 from dpq.pipeline import run_stage
 from dpq.recipe import DataSettings, PruneSettings
 from dpq.registry import stage_key
@@ -38,12 +39,12 @@ CONFIGS = {  # name: (heads, ffn, importance, allocation)
 
 def timers(model, seq: int, tmp: Path, name: str) -> dict:
     """One zero-argument callable per (runtime, batch size), built once: sessions and inputs outside the timing."""
-    session = export.ort_session(export.export_onnx(model, tmp / f"{name}.onnx"), threads=torch.get_num_threads())
+    session = runtime.ort_session(export.export_onnx(model, tmp / f"{name}.onnx"), threads=torch.get_num_threads())
     out = {}
     for bs in (1, 32):
         x = measure.dummy_batch(model, bs, seq)
         out[f"torch_bs{bs}_ms"] = lambda x=x: model(**x)
-        out[f"ort_bs{bs}_ms"] = lambda x=x: export.ort_logits(session, x["input_ids"], x["attention_mask"])
+        out[f"ort_bs{bs}_ms"] = lambda x=x: runtime.ort_logits(session, x["input_ids"], x["attention_mask"])
     return out
 
 

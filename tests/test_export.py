@@ -3,8 +3,9 @@ import sys
 import pytest
 import torch
 
-from dpq import export, models
+from dpq import models
 from dpq.errors import DpqError
+from dpq.onnx import export, runtime
 from dpq.prune import HeadFfnMasks, PruneConfig, magnitude_scores, remove_masked
 
 
@@ -24,14 +25,14 @@ def test_pruned_model_exports_with_smaller_shapes_and_matches(tiny_models, tmp_p
     pruned = models.param_count(model)
     # the graph holds the smaller matrices, not masked full ones
     assert pruned < full and 0.8 * pruned <= stored <= pruned * 1.02
-    session = export.ort_session(path)
+    session = runtime.ort_session(path)
     for shape in [(1, 5), (4, 23)]:
         ids = torch.randint(5, model.config.vocab_size, shape)
         mask = torch.ones_like(ids)
         mask[0, shape[1] // 2:] = 0  # padding honoured in the exported graph
         with torch.no_grad():
             ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
-        assert abs(export.ort_logits(session, ids, mask) - ref).max() < 1e-4
+        assert abs(runtime.ort_logits(session, ids, mask) - ref).max() < 1e-4
 
 
 def test_export_without_onnx_names_the_extra(tiny_models, tmp_path, monkeypatch):

@@ -4,13 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from dpq import export, models
+from dpq import models
+from dpq.onnx import export, runtime
 from dpq.prune import HeadFfnMasks, PruneConfig, magnitude_scores, remove_masked
 from dpq.quant.fake import quantize_rtn
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from dpq.quant.onnx_quant import _cpu_flags, int4_onnx, int8_onnx, runtime_ops  # noqa: E402
+from dpq.onnx.int4 import int4_onnx  # noqa: E402
+from dpq.onnx.int8 import _cpu_flags, int8_onnx  # noqa: E402
+from dpq.onnx.runtime import runtime_ops  # noqa: E402
 
 GROUP = 16
 
@@ -75,11 +78,11 @@ def test_int4_runs_our_codes(tiny_models, ffn40, tmp_path, which, accuracy_level
     assert report == {"matmul_nbits": n_linear, "gather_block_quantized": 1, "left_fp32": [],
                       "accuracy_level": accuracy_level}
 
-    session = export.ort_session(tmp_path / "int4.onnx")
+    session = runtime.ort_session(tmp_path / "int4.onnx")
     for shape in [(1, 5), (4, 23)]:
         ids, mask = _inputs(model.config.vocab_size, shape)
         ref = _ref(model, ids, mask)
-        diff = np.abs(export.ort_logits(session, ids, mask) - ref).max()
+        diff = np.abs(runtime.ort_logits(session, ids, mask) - ref).max()
         # level 0: fp32 math on the exact dequantized weights; level 4: int8 activations, judged relative to the
         # logits (a random tiny model's logits are ~0.02, so an absolute bound would say nothing)
         bound = tol if accuracy_level == 0 else tol * np.abs(ref).max()
@@ -122,7 +125,7 @@ def test_int4_leaves_what_it_cannot_express_fp32(tiny_models, tmp_path):
     left = "\n".join(report["left_fp32"])
     assert len(report["left_fp32"]) == 2 and query in left and "power-of-2" in left and "not.in.graph" in left
     ids, mask = _inputs(model.config.vocab_size)
-    out = export.ort_logits(export.ort_session(tmp_path / "int4.onnx"), ids, mask)
+    out = runtime.ort_logits(runtime.ort_session(tmp_path / "int4.onnx"), ids, mask)
     ref = _ref(model, ids, mask)
     assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
 
@@ -143,12 +146,12 @@ def test_int8_dynamic_fuses_attention_and_stays_close(tiny_models, tmp_path, pru
     assert report["weight_type"] == "s8" and report["reduce_range"] is (not vnni)  # 7-bit only where U8S8 saturates
     assert report["fused_attention"] is True and report["ops"]["QAttention"] == 2
     assert report["ops"]["MatMulInteger"] + report["ops"]["DynamicQuantizeMatMul"] > 0
-    session = export.ort_session(tmp_path / "int8.onnx")
+    session = runtime.ort_session(tmp_path / "int8.onnx")
     for shape in [(1, 5), (4, 23)]:
         ids, mask = _inputs(model.config.vocab_size, shape)
         ref = _ref(model, ids, mask)
         # per-channel weights, per-tensor dynamic activations: up to ~5% of these tiny logits (4 seeds)
-        assert np.abs(export.ort_logits(session, ids, mask) - ref).max() <= 0.1 * np.abs(ref).max()
+        assert np.abs(runtime.ort_logits(session, ids, mask) - ref).max() <= 0.1 * np.abs(ref).max()
 
 
 def test_int8_falls_back_to_the_unfused_graph_when_fusion_fails(tiny_models, tmp_path, monkeypatch):
@@ -169,7 +172,7 @@ def test_int8_falls_back_to_the_unfused_graph_when_fusion_fails(tiny_models, tmp
     assert report["ops"]["MatMulInteger"] == 2 * 6 + 2
     ids, mask = _inputs(model.config.vocab_size)
     ref = _ref(model, ids, mask)
-    out = export.ort_logits(export.ort_session(tmp_path / "int8.onnx"), ids, mask)
+    out = runtime.ort_logits(runtime.ort_session(tmp_path / "int8.onnx"), ids, mask)
     assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
 
 
@@ -192,7 +195,7 @@ def test_runtime_ops_name_the_kernels_that_run(tiny_models, tmp_path):
 def test_int4_codes_on_int8_kernels_reproduce_the_int8_file(tiny_models, ffn40, tmp_path, case, weight_type):
     """4-bit on disk, expanded to int8 at load: the same logits as the int8 file of the same 4-bit model,
     nothing of the unpacking left at run time, and the file as small as the MatMulNBits one."""
-    from dpq.quant.onnx_int4_int8 import int4_int8_kernels_onnx
+    from dpq.onnx.int4_int8 import int4_int8_kernels_onnx
 
     torch.manual_seed(0)
     model, _ = models.load_classifier(str(ffn40 if case.startswith("ffn40") else tiny_models["student"]))
@@ -221,11 +224,11 @@ def test_int4_codes_on_int8_kernels_reproduce_the_int8_file(tiny_models, ffn40, 
     assert not {"BitShift", "Round", "Transpose"} & set(ops)  # the unpacking ran once, at session creation
 
     int8_onnx(fp32, tmp_path / "int8.onnx", weight_type=weight_type, embeddings=False, fuse_embeddings=False)
-    w4, i8 = export.ort_session(tmp_path / "w4.onnx"), export.ort_session(tmp_path / "int8.onnx")
+    w4, i8 = runtime.ort_session(tmp_path / "w4.onnx"), runtime.ort_session(tmp_path / "int8.onnx")
     for shape in [(1, 5), (4, 23)]:
         ids, mask = _inputs(model.config.vocab_size, shape)
-        out = export.ort_logits(w4, ids, mask)
-        np.testing.assert_allclose(out, export.ort_logits(i8, ids, mask), rtol=0, atol=1e-6)  # same int8 weights
+        out = runtime.ort_logits(w4, ids, mask)
+        np.testing.assert_allclose(out, runtime.ort_logits(i8, ids, mask), rtol=0, atol=1e-6)  # same int8 weights
         ref = _ref(model, ids, mask)
         assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()  # int8 activations, as in the int8 test
 
@@ -240,7 +243,7 @@ def test_int4_codes_on_int8_kernels_reproduce_the_int8_file(tiny_models, ffn40, 
 
 
 def test_int4_on_int8_kernels_keeps_int8_what_it_cannot_match(tiny_models, tmp_path):
-    from dpq.quant.onnx_int4_int8 import int4_int8_kernels_onnx
+    from dpq.onnx.int4_int8 import int4_int8_kernels_onnx
 
     model, weights = _quantized_student(tiny_models)
     query = "bert.encoder.layer.0.attention.self.query.weight"
@@ -253,7 +256,7 @@ def test_int4_on_int8_kernels_keeps_int8_what_it_cannot_match(tiny_models, tmp_p
     assert f"{query}: not stored in 4 bits" in report["left"]
     ids, mask = _inputs(model.config.vocab_size)
     ref = _ref(model, ids, mask)
-    out = export.ort_logits(export.ort_session(tmp_path / "w4.onnx"), ids, mask)
+    out = runtime.ort_logits(runtime.ort_session(tmp_path / "w4.onnx"), ids, mask)
     assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
 
 
@@ -261,7 +264,7 @@ def test_int8_can_run_without_the_skip_layer_norm_fusion(tiny_models, tmp_path, 
     """The int8 file keeps Add + LayerNormalization; ORT fuses them into SkipLayerNormalization at load unless the
     session disables that fusion. Both give the same logits; the export times both and records its choice, and
     every dpq session on the folder honours it."""
-    from dpq.quant.onnx_quant import SLOW_FUSIONS, session_variants
+    from dpq.onnx.runtime import SLOW_FUSIONS, session_variants
 
     model, _ = models.load_classifier(str(tiny_models["student"]))
     fp32 = export.export_onnx(model.eval(), tmp_path / "fp32.onnx")
@@ -273,18 +276,18 @@ def test_int8_can_run_without_the_skip_layer_norm_fusion(tiny_models, tmp_path, 
     assert session_variants(tmp_path / "int8.onnx") == [(), SLOW_FUSIONS]
     assert session_variants(fp32) == [()]  # nothing to gain where ORT does not fuse it
     ids, mask = _inputs(model.config.vocab_size)
-    a = export.ort_logits(export.ort_session(tmp_path / "int8.onnx"), ids, mask)
-    b = export.ort_logits(export.ort_session(tmp_path / "int8.onnx", disabled_optimizers=SLOW_FUSIONS), ids, mask)
+    a = runtime.ort_logits(runtime.ort_session(tmp_path / "int8.onnx"), ids, mask)
+    b = runtime.ort_logits(runtime.ort_session(tmp_path / "int8.onnx", disabled_optimizers=SLOW_FUSIONS), ids, mask)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
     seen = []
-    real = export.ort_session
-    monkeypatch.setattr(export, "ort_session", lambda *a, **k: seen.append(k) or real(*a, **k))
+    real = runtime.ort_session
+    monkeypatch.setattr(runtime, "ort_session", lambda *a, **k: seen.append(k) or real(*a, **k))
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "model.onnx").write_bytes((tmp_path / "int8.onnx").read_bytes())
     (folder / "export.json").write_text('{"runtime": "onnx-int8", "ort_disabled_optimizers": ["SkipLayerNormFusion"]}')
     model.config.save_pretrained(folder)
     models.load_tokenizer(str(tiny_models["student"])).save_pretrained(folder)
-    export.load_onnx_folder(folder)
+    runtime.load_onnx_folder(folder)
     assert seen[-1]["disabled_optimizers"] == ["SkipLayerNormFusion"]

@@ -52,14 +52,14 @@ def test_qat_trains_logs_and_exports_int4_that_matches(capsys, tmp_path, tiny_mo
     assert code == 0, err
     info = json.loads((e / "export.json").read_text())
     assert info["runtime"] == "onnx-int4" and info["runtime_ops"].get("MatMulNBits", 0) > 0
-    from dpq import export
-    session = export.ort_session(e / "model.onnx")
+    from dpq.onnx import runtime
+    session = runtime.ort_session(e / "model.onnx")
     ids = torch.randint(5, model.config.vocab_size, (3, 11))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
-    assert abs(export.ort_logits(session, ids, mask) - ref).max() < 1e-3  # fp32 math on the same integer grid
+    assert abs(runtime.ort_logits(session, ids, mask) - ref).max() < 1e-3  # fp32 math on the same integer grid
 
 
 def test_ptq_export_evaluate_sizes_and_runtimes(capsys, tmp_path, tiny_models, sst2_slice):
@@ -139,8 +139,8 @@ def test_corrupt_packed_file_is_refused(capsys, tmp_path, tiny_models, sst2_slic
 
 
 def test_trimmed_vocabulary_gives_the_same_logits_on_seen_tokens(capsys, tmp_path, tiny_models, sst2_slice):
-    from dpq import export
     from dpq.data import load_data
+    from dpq.onnx import runtime
 
     s = tiny_models["student"]
     full, trim = tmp_path / "full", tmp_path / "trim"
@@ -166,7 +166,7 @@ def test_trimmed_vocabulary_gives_the_same_logits_on_seen_tokens(capsys, tmp_pat
     e = tmp_path / "e"
     assert cli(capsys, "export", "--model", trim, "--out", e, "--precision", "int4", "--int4-kernels", "nbits",
                          "--accuracy-level", "0")[0] == 0
-    got = export.ort_logits(export.ort_session(e / "model.onnx"), seen["input_ids"], seen["attention_mask"])
+    got = runtime.ort_logits(runtime.ort_session(e / "model.onnx"), seen["input_ids"], seen["attention_mask"])
     assert abs(got - b(**seen).logits.detach().numpy()).max() < 1e-3  # the graph remaps ids itself
 
 

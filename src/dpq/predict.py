@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from . import export, models
+from . import models
 from .data import Collator, truncate_ids
 from .errors import DpqError
+from .onnx import runtime
 
 log = logging.getLogger("dpq")
 
@@ -35,9 +36,9 @@ class Predictor:
         if not folder.is_dir():
             raise DpqError(f"{folder}: no such model folder")
         self.folder = folder
-        self.onnx = export.is_onnx_folder(folder)
+        self.onnx = runtime.is_onnx_folder(folder)
         if self.onnx:
-            self.session, self.config, self.tokenizer, info = export.load_onnx_folder(folder)
+            self.session, self.config, self.tokenizer, info = runtime.load_onnx_folder(folder)
             self.runtime = info.get("runtime", "onnx")
         else:
             self.model, self.tokenizer = models.load_model(folder)
@@ -70,7 +71,7 @@ class Predictor:
                    self.tokenizer(chunk, truncation=False, add_special_tokens=True)["input_ids"]]
             batch = self._collate([{"input_ids": ids, "labels": 0, "index": i} for i, (ids, _) in enumerate(cut)])
             if self.onnx:
-                logits = torch.from_numpy(export.ort_logits(self.session, batch["input_ids"], batch["attention_mask"]))
+                logits = torch.from_numpy(runtime.ort_logits(self.session, batch["input_ids"], batch["attention_mask"]))
             else:
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             probs = torch.softmax(logits.float(), -1)

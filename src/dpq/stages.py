@@ -22,10 +22,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import artifacts, devices, export, measure, models, prune
+from . import artifacts, devices, measure, models, prune
 from .data import TextData, encode_split
 from .distill import KDConfig, KDLoss, ensemble_logits, make_weighting
 from .errors import DpqError
+from .onnx import runtime
 from .recipe import DistillSettings, EvaluateSettings, PruneSettings, TrainSettings
 from .train import Hook, TrainConfig, set_seed, train
 
@@ -392,10 +393,10 @@ def _evaluate_torch(d: Path, split, settings: EvaluateSettings) -> tuple[dict, d
 
 def _evaluate_onnx(d: Path, split, settings: EvaluateSettings) -> tuple[dict, dict]:
     """An exported folder runs in ONNX Runtime: its accuracy is the exported file's own."""
-    session, config, tok, info = export.load_onnx_folder(d, threads=torch.get_num_threads())
+    session, config, tok, info = runtime.load_onnx_folder(d, threads=torch.get_num_threads())
     skeleton = models.build_classifier(config).eval()  # parameter and FLOP counts of the same structure
     ds = encode_split(split, tok, min(512, getattr(config, "max_position_embeddings", 512)))
-    logits = export.ort_predict_logits(session, ds, pad_ids(tok))
+    logits = runtime.ort_predict_logits(session, ds, pad_ids(tok))
     if logits.shape[-1] != config.num_labels:
         raise DpqError(f"{d / 'model.onnx'}: gives {logits.shape[-1]} classes, "
                        f"its config.json says {config.num_labels}")
@@ -411,7 +412,7 @@ def _evaluate_onnx(d: Path, split, settings: EvaluateSettings) -> tuple[dict, di
     timer = {}
     for bs in settings.batch_sizes:
         x = measure.dummy_batch(skeleton, bs, seq)
-        timer[f"latency_ms_bs{bs}"] = lambda x=x: export.ort_logits(session, x["input_ids"], x["attention_mask"])
+        timer[f"latency_ms_bs{bs}"] = lambda x=x: runtime.ort_logits(session, x["input_ids"], x["attention_mask"])
     return row, timer
 
 
@@ -427,7 +428,7 @@ def evaluate_dirs(dirs: list[Path], data: TextData, settings: EvaluateSettings) 
         d = Path(d)
         if not d.is_dir():
             raise DpqError(f"{d}: no such model folder")
-        if export.is_onnx_folder(d):
+        if runtime.is_onnx_folder(d):
             row, timer = _evaluate_onnx(d, split, settings)
         else:
             row, timer = _evaluate_torch(d, split, settings)

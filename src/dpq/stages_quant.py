@@ -14,10 +14,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import artifacts, devices, export, measure, models, transforms
+from . import artifacts, devices, measure, models, transforms
 from .data import TextData, encode_split
 from .distill import make_weighting
 from .errors import DpqError
+from .onnx import export, int4, int8, runtime
 from .quant import methods, packed
 from .quant.fake import QTensor
 from .quant.methods import TRAINED
@@ -169,18 +170,17 @@ def qat_stage(settings: QuantizeSettings, model_dir: Path, teacher_dir: Path | N
 def _int4_files(settings: ExportSettings, fp32: Path, tmp: Path, weights: dict) -> tuple[dict, dict]:
     """The int4 candidates the settings allow: MatMulNBits at each accuracy level, and the same codes on int8
     kernels. ({kind: file}, {kind: what its builder reported})."""
-    from .quant import onnx_quant
-    from .quant.onnx_int4_int8 import int4_int8_kernels_onnx
+    from .onnx.int4_int8 import int4_int8_kernels_onnx
 
     files, infos = {}, {}
     if settings.int4_kernels in ("auto", "nbits"):
         levels = (0, 4) if settings.accuracy_level == "auto" else (int(settings.accuracy_level),)
         first = tmp / f"nbits-level{levels[0]}.onnx.tmp"
-        made = onnx_quant.int4_onnx(fp32, first, weights, accuracy_level=levels[0])
+        made = int4.int4_onnx(fp32, first, weights, accuracy_level=levels[0])
         for lvl in levels:  # same weights: other levels rewrite only the attribute
             key = f"nbits-level{lvl}"
             files[key] = (first if lvl == levels[0]
-                          else onnx_quant.with_accuracy_level(first, tmp / f"{key}.onnx.tmp", lvl))
+                          else int4.with_accuracy_level(first, tmp / f"{key}.onnx.tmp", lvl))
             infos[key] = dict(made, kernels="MatMulNBits", accuracy_level=lvl)
     if settings.int4_kernels in ("auto", "int8"):
         files["int8"] = tmp / "int8-kernels.onnx.tmp"
@@ -189,18 +189,17 @@ def _int4_files(settings: ExportSettings, fp32: Path, tmp: Path, weights: dict) 
 
 
 def _keep_fastest(files: dict[str, Path], final: Path) -> tuple[str, tuple[str, ...], dict]:
-    """Times every file under each ORT optimizer set worth trying (``onnx_quant.session_variants``) when there is
+    """Times every file under each ORT optimizer set worth trying (``runtime.session_variants``) when there is
     more than one candidate, moves the fastest file to ``final`` and deletes the others.
     (its key, the ORT optimizers to disable with it, the timings)."""
-    from .quant import onnx_quant
 
     cands = {}
     for key, f in files.items():
-        for off in onnx_quant.session_variants(f):
+        for off in runtime.session_variants(f):
             cands[key + "".join(f" -{o}" for o in off)] = (key, f, off)
     best, times = next(iter(cands)), {}
     if len(cands) > 1:
-        best, times = onnx_quant.pick_fastest({k: (f, off) for k, (_, f, off) in cands.items()})
+        best, times = runtime.pick_fastest({k: (f, off) for k, (_, f, off) in cands.items()})
         log.info("export: %s chosen (%s)", best, "; ".join(
             f"{k} " + ", ".join(f"{b} {ms:.1f} ms" for b, ms in t.items()) for k, t in times.items()))
     key, f, off = cands[best]
@@ -214,7 +213,6 @@ def _keep_fastest(files: dict[str, Path], final: Path) -> tuple[str, tuple[str, 
 
 def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out: Path, *, stage_settings: dict) -> Path:
     """ONNX folder: ``model.onnx`` + config + tokenizer + ``export.json`` (runtime, kernels that run)."""
-    from .quant import onnx_quant
 
     out, model_dir = Path(out), Path(model_dir)
     if precision not in PRECISIONS:
@@ -238,7 +236,7 @@ def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out:
         if precision == "int8":
             # head counts are read per layer from the weights (pruned layers differ), not passed in
             files = {"int8": tmp / "int8.onnx.tmp"}
-            infos = {"int8": onnx_quant.int8_onnx(fp32, files["int8"], weight_type=settings.int8_weights,
+            infos = {"int8": int8.int8_onnx(fp32, files["int8"], weight_type=settings.int8_weights,
                                                   embeddings=settings.int8_embeddings)}
         elif precision == "int4":
             q, _ = packed.load_qtensors(model_dir, qcfg)
@@ -250,7 +248,7 @@ def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out:
             info.update(int4_kernels=key, method=qcfg.get("method"))
         if precision != "fp32":
             fp32.unlink()
-        info["runtime_ops"] = onnx_quant.runtime_ops(tmp / "model.onnx", off)
+        info["runtime_ops"] = runtime.runtime_ops(tmp / "model.onnx", off)
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         artifacts.write_json_atomic(tmp / "export.json", info)

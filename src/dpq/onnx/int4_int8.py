@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fake import QTensor, has_fp16_scales, is_symmetric, pack_int4
-from .onnx_quant import _key, int4_onnx, int8_onnx
+from ..quant.fake import QTensor, has_fp16_scales, is_symmetric, pack_int4
+from .int4 import _key, int4_onnx
+from .int8 import int8_onnx
 
 log = logging.getLogger("dpq")
 
