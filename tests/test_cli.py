@@ -217,3 +217,58 @@ def test_prune_bad_values(capsys, tmp_path, tiny_models, sst2_slice, flags, mess
                            tmp_path / "p", *flags, *FAST)
     assert code == 2 and message in err
     assert not (tmp_path / "p").exists()
+
+
+def test_every_declared_stage_is_a_command_whose_flags_are_its_settings():
+    import argparse
+    import dataclasses
+
+    from dpq.cli import build_parser
+    from dpq.registry import COMMANDS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, stage in COMMANDS.items():
+        dests = {a.dest for a in sub.choices[name]._actions}
+        for f in dataclasses.fields(stage.settings):
+            assert (f.name in dests) == (f.name not in stage.skip), (name, f.name)
+        assert {i.name for i in stage.inputs} <= dests and "out" in dests
+        assert stage.fanout is None or stage.fanout.name in dests
+
+
+def test_a_stage_declared_once_is_a_command_that_checks_its_inputs_and_skips_when_unchanged(
+        capsys, monkeypatch, tmp_path, tiny_models):
+    from dataclasses import dataclass
+
+    from dpq import registry
+    from dpq.recipe import opt
+    from dpq.stages import require_model
+
+    @dataclass
+    class ShoutSettings:
+        times: int = opt(1, "how loud", min=1)
+
+    runs = []
+
+    def run(settings, choice, inputs, data, out, key):
+        runs.append(settings.times)
+        with artifacts.artifact_dir(out, kind="shout", settings=key) as tmp:
+            (tmp / "shout.txt").write_text(f"{choice['case']} {settings.times} {inputs['model'].name}")
+        return out
+
+    stage = registry.Stage("shout", "a toy stage", ShoutSettings, run,
+                           inputs=(registry.Input("model", "a model folder", require_model),),
+                           fanout=registry.Fanout("case", lambda: ["upper", "lower"], "which case"),
+                           data=False, skip=(), trains=lambda c: False)
+    monkeypatch.setitem(registry.COMMANDS, "shout", stage)
+    out = tmp_path / "shouted"
+    args = ["shout", "--model", tiny_models["student"], "--case", "upper", "--out", out, "--times", "3"]
+    assert run_cli(capsys, *args)[0] == 0
+    assert (out / "shout.txt").read_text() == f"upper 3 {tiny_models['student'].name}" and runs == [3]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and runs == [3] and "skipped" in err  # same settings: not run again
+    code, _, err = run_cli(capsys, *args[:-1], "0")
+    assert code == 2 and "shout.times: must be >= 1" in err and runs == [3]
+    code, _, err = run_cli(capsys, "shout", "--model", tmp_path / "none", "--case", "lower", "--out", out)
+    assert code == 2 and "no model folder here" in err and runs == [3]
+    with pytest.raises(SystemExit):  # argparse refuses a value outside the fan-out's choices
+        main(["shout", "--model", str(tmp_path), "--case", "shout", "--out", str(out)])

@@ -61,15 +61,7 @@ def _load_data(args, need=("train", "dev")):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .quant import methods
-    from .recipe import (
-        DistillSettings,
-        EvaluateSettings,
-        ExportSettings,
-        PruneSettings,
-        QuantizeSettings,
-        TeacherSettings,
-    )
+    from .recipe import EvaluateSettings
 
     parser = argparse.ArgumentParser(prog="dpq", description="Distill, Prune, Quantize transformer text classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -87,48 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="override the recipe's data (default: $DPQ_DATA, else the recipe's)")
     p.add_argument("--dry-run", action="store_true", help="say which stages would run and why, run nothing")
 
-    p = sub.add_parser("teacher", parents=[common],
-                       help="fine-tune a model on the labelled data (the teacher, or any baseline)")
-    p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--force", action="store_true", help="retrain even if --out is complete with the same settings")
-    _data_args(p)
-    _add_settings(p, TeacherSettings, title=TRAIN_HELP)
+    from .registry import COMMANDS as STAGES
+    from .registry import always as _always
 
-    p = sub.add_parser("distill", parents=[common], help="distil a fine-tuned teacher into a student")
-    p.add_argument("--teacher", required=True, help="teacher artifact folder (from `dpq teacher`)")
-    p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--force", action="store_true", help="retrain even if --out is complete with the same settings")
-    _data_args(p)
-    _add_settings(p, DistillSettings, title="distillation and training settings")
-
-    p = sub.add_parser("prune", parents=[common],
-                       help="remove attention heads and FFN neurons (gradual, with KD recovery)")
-    p.add_argument("--model", required=True, help="model folder to prune (from `dpq distill`, or an earlier prune)")
-    p.add_argument("--teacher", required=True, help="teacher artifact folder for KD during pruning and recovery")
-    p.add_argument("--out", required=True, help="artifact folder to write")
-    p.add_argument("--force", action="store_true", help="retrain even if --out is complete with the same settings")
-    _data_args(p)
-    _add_settings(p, PruneSettings, skip=("enabled",), title="pruning and training settings")
-
-    p = sub.add_parser("quantize", parents=[common],
-                       help="4/8-bit weights: PTQ (rtn, gptq) or QAT with KD (fixed or GoR loss weights)")
-    p.add_argument("--model", required=True, help="fp32 model folder (from `dpq distill` or `dpq prune`)")
-    p.add_argument("--out", required=True, help="artifact folder to write (packed model.quant.safetensors)")
-    p.add_argument("--method", required=True, choices=methods.choices(),
-                   help="round-to-nearest, GPTQ, QAT with KD, or a method registered in dpq.quant.methods")
-    p.add_argument("--teacher", help="teacher artifact folder (QAT: distil from it)")
-    p.add_argument("--force", action="store_true", help="redo even if --out is complete with the same settings")
-    _data_args(p)
-    _add_settings(p, QuantizeSettings, skip=("enabled", "methods"), title="quantization and QAT settings")
-
-    p = sub.add_parser("export", parents=[common],
-                       help="ONNX export: fp32, int8 (dynamic) or int4 (MatMulNBits, the model's own codes)")
-    p.add_argument("--model", required=True, help="model folder (int4: a 4-bit `dpq quantize` folder)")
-    p.add_argument("--out", required=True, help="folder to write (model.onnx, config, tokenizer, export.json)")
-    p.add_argument("--format", default="onnx", choices=("onnx",), help="export format")
-    p.add_argument("--precision", required=True, choices=("fp32", "int8", "int4"), help="weight precision in the file")
-    p.add_argument("--force", action="store_true", help="redo even if --out is complete with the same settings")
-    _add_settings(p, ExportSettings, skip=("enabled", "precisions"), title="export settings")
+    for stage in STAGES.values():  # one subcommand per declared stage: its inputs, fan-out and settings as flags
+        p = sub.add_parser(stage.name, parents=[common], help=stage.help)
+        for i in stage.inputs:
+            p.add_argument(f"--{i.name}", required=i.needed is _always, help=i.help)
+        if stage.fanout is not None:
+            p.add_argument(f"--{stage.fanout.name}", required=True, choices=stage.fanout.choices(),
+                           help=stage.fanout.help)
+        p.add_argument("--out", required=True, help="artifact folder to write")
+        p.add_argument("--force", action="store_true", help="redo even if --out is complete with the same settings")
+        for flag, kw in stage.flags:
+            p.add_argument(flag, **kw)
+        if stage.data:
+            _data_args(p)
+        _add_settings(p, stage.settings, skip=stage.skip, title=f"{stage.name} settings")
 
     p = sub.add_parser("report", parents=[common], help="report.md/json and Pareto plots of a run's evaluation")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (from `dpq run`)")
@@ -160,91 +127,23 @@ def _data_key(args, spec: str) -> dict:
     return {"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows}
 
 
-def _cmd_teacher(args) -> None:
+def _cmd_stage(args) -> None:
+    """Any declared stage alone: the same settings, input checks, key and runner as in `dpq run`."""
     from .pipeline import run_stage
-    from .recipe import TeacherSettings, build
-    from .registry import stage_key
-    from .stages import finetune_stage
+    from .recipe import build
+    from .registry import COMMANDS as STAGES
 
-    settings = build(TeacherSettings, _given(args, TeacherSettings), "teacher")
-    data, spec = _load_data(args)
-    key, out = stage_key(settings, data=_data_key(args, spec)), Path(args.out)
-    run_stage("teacher", out, key, lambda: finetune_stage(settings, settings.model, data, out, kind="teacher",
-                                                          stage_settings=key), trains=True, force=args.force)
-
-
-def _cmd_distill(args) -> None:
-    from .pipeline import run_stage
-    from .recipe import DistillSettings, build
-    from .registry import stage_key
-    from .stages import distill_stage, require_teacher
-
-    settings = build(DistillSettings, _given(args, DistillSettings), "distill")
-    teacher = Path(args.teacher)
-    require_teacher(teacher)
-    data, spec = _load_data(args)
-    key = stage_key(settings, data=_data_key(args, spec), inputs={"teacher": teacher})
+    stage = STAGES[args.command]
+    settings = build(stage.settings, _given(args, stage.settings, skip=stage.skip), stage.name)
+    inputs = {i.name: Path(getattr(args, i.name)) if getattr(args, i.name) else None for i in stage.inputs}
+    choice = {stage.fanout.name: getattr(args, stage.fanout.name)} if stage.fanout else {}
+    stage.check(choice, inputs)
+    data, spec = _load_data(args) if stage.data else (None, None)
+    key = stage.key(settings, data=_data_key(args, spec) if stage.data else None, choice=choice, inputs=inputs)
     out = Path(args.out)
-    run_stage("distill", out, key, lambda: distill_stage(settings, teacher, data, out, stage_settings=key),
-              trains=True, force=args.force)
-
-
-def _cmd_prune(args) -> None:
-    from .pipeline import run_stage
-    from .recipe import PruneSettings, build
-    from .registry import stage_key
-    from .stages import prune_stage, require_model, require_teacher
-
-    settings = build(PruneSettings, _given(args, PruneSettings, skip=("enabled",)), "prune")
-    model, teacher = Path(args.model), Path(args.teacher)
-    require_model(model, "run `dpq distill` first")
-    require_teacher(teacher)
-    data, spec = _load_data(args)
-    key = stage_key(settings, data=_data_key(args, spec), inputs={"teacher": teacher, "model": model})
-    out = Path(args.out)
-    run_stage("prune", out, key, lambda: prune_stage(settings, model, teacher, data, out, stage_settings=key),
-              trains=True, force=args.force)
-
-
-def _cmd_quantize(args) -> None:
-    from .pipeline import run_stage
-    from .quant.methods import TRAINED
-    from .recipe import QuantizeSettings, build
-    from .registry import stage_key
-    from .stages import require_model, require_teacher
-    from .stages_quant import quantize_stage
-
-    settings = build(QuantizeSettings, _given(args, QuantizeSettings, skip=("enabled", "methods")), "quantize")
-    model = Path(args.model)
-    teacher = Path(args.teacher) if args.teacher else None
-    require_model(model)
-    if args.method in TRAINED:
-        if teacher is None:
-            raise DpqError(f"--method {args.method} distils from a teacher: give --teacher DIR")
-        require_teacher(teacher)
-    data, spec = _load_data(args)
-    key = stage_key(settings, data=_data_key(args, spec), choice={"method": args.method},
-                    inputs={"teacher": teacher, "model": model})
-    out = Path(args.out)
-    run_stage(f"quantize-{args.method}", out, key, lambda: quantize_stage(settings, args.method, model, teacher, data,
-                                                                          out, stage_settings=key),
-              trains=args.method in TRAINED, force=args.force)
-
-
-def _cmd_export(args) -> None:
-    from .pipeline import run_stage
-    from .recipe import ExportSettings, build
-    from .registry import stage_key
-    from .stages import require_model
-    from .stages_quant import export_stage
-
-    settings = build(ExportSettings, _given(args, ExportSettings, skip=("enabled", "precisions")), "export")
-    model = Path(args.model)
-    require_model(model, "give an fp32 model folder, or a 4-bit one for int4")
-    key = stage_key(settings, choice={"precision": args.precision}, inputs={"model": model})
-    out = Path(args.out)
-    run_stage("export", out, key, lambda: export_stage(settings, args.precision, model, out, stage_settings=key),
-              trains=False, force=args.force)
+    name = "-".join([stage.name, *choice.values()])
+    run_stage(name, out, key, lambda: stage.run(settings, choice, inputs, data, out, key),
+              trains=stage.trains(choice), force=args.force)
 
 
 def _cmd_report(args) -> None:
@@ -288,9 +187,7 @@ def _cmd_evaluate(args) -> None:
         artifacts.write_json_atomic(Path(args.json), rows)
 
 
-COMMANDS = {"run": _cmd_run, "teacher": _cmd_teacher, "distill": _cmd_distill, "prune": _cmd_prune,
-            "quantize": _cmd_quantize, "export": _cmd_export, "evaluate": _cmd_evaluate, "report": _cmd_report,
-            "predict": _cmd_predict}
+COMMANDS = {"run": _cmd_run, "evaluate": _cmd_evaluate, "report": _cmd_report, "predict": _cmd_predict}
 
 
 def _quiet_libraries() -> None:
@@ -318,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
         devices.set_choice(args.device or "auto")
         devices.quiet_other_processes()
-        COMMANDS[args.command](args)
+        COMMANDS.get(args.command, _cmd_stage)(args)
     except DpqError as e:
         print(f"dpq: error: {e}", file=sys.stderr)
         return e.exit_code

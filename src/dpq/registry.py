@@ -1,10 +1,11 @@
 """Every stage of a dpq run, declared once: what it is keyed by, where it writes, how it runs, what the report
 calls it.
 
-`dpq run`'s plan and `--dry-run`, the report's stage names, and the skip keys of the single-stage commands and the
-benchmarks all come from here. A stage's artifact is keyed by ``stage_key()``: its settings, its fan-out choice
-(quantization method, export precision), the data, and the identity of each input: the settings hash of the
-dpq artifact it reads (the key that made it), or the path or id of a plain model. Equal keys: the artifact is reused.
+`dpq run`'s plan and `--dry-run`, the single-stage subcommands (their flags, inputs and checks), the report's stage
+names, and the skip keys of the commands and the benchmarks all come from here. A stage's artifact is keyed by
+``stage_key()``: its settings, its fan-out choice (quantization method, export precision), the data, and the
+identity of each input: the settings hash of the dpq artifact it reads (the key that made it), or the path or id of
+a plain model. Equal keys: the artifact is reused.
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ from pathlib import Path
 from typing import Callable
 
 from . import artifacts
-from .quant.methods import TRAINED
-from .recipe import Recipe
-from .stages import distill_stage, evaluate_run, finetune_stage, prune_stage
-from .stages_quant import export_stage, quantize_stage
+from .errors import DpqError
+from .quant import methods
+from .recipe import (
+    DistillSettings,
+    ExportSettings,
+    PruneSettings,
+    QuantizeSettings,
+    Recipe,
+    TeacherSettings,
+)
+from .stages import distill_stage, evaluate_run, finetune_stage, prune_stage, require_model, require_teacher
+from .stages_quant import PRECISIONS, export_stage, quantize_stage
 
 # settings that list a stage's fan-out (one stage per entry): a single stage is keyed by its own entry instead
 FANOUT_LISTS = ("methods", "precisions")
@@ -44,6 +53,94 @@ def stage_key(settings, *, data: dict | None = None, choice: dict | None = None,
     for name, source in (inputs or {}).items():
         key[name] = None if source is None else identity(source)
     return key
+
+
+def always(choice: dict) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Input:
+    """A folder a stage reads: ``--NAME DIR`` on its command, ``NAME`` in its key."""
+
+    name: str
+    help: str
+    check: Callable[[Path], None]
+    needed: Callable[[dict], bool] = always  # given the fan-out choice, must it be given?
+
+
+@dataclass(frozen=True)
+class Fanout:
+    """The setting a recipe lists (``methods``, ``precisions``) and a single stage takes one of (``--method``)."""
+
+    name: str
+    choices: Callable[[], list[str]]
+    help: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage kind, declared once: its settings (the recipe section and the command's flags), its inputs, its
+    fan-out, and how it runs. ``dpq NAME`` is generated from this, and the run's planners call ``run`` too."""
+
+    name: str
+    help: str
+    settings: type
+    run: Callable[..., Path]  # (settings, choice, inputs, data, out, key) -> out
+    inputs: tuple[Input, ...] = ()
+    fanout: Fanout | None = None
+    data: bool = True  # reads the labelled data (and so is keyed by it)
+    skip: tuple[str, ...] = ("enabled",)  # settings that are recipe-only (no flag)
+    trains: Callable[[dict], bool] = always
+    flags: tuple[tuple[str, dict], ...] = ()  # command-only flags that change nothing in the artifact
+
+    def key(self, settings, *, data: dict | None, choice: dict, inputs: dict) -> dict:
+        return stage_key(settings, data=data if self.data else None, choice=choice or None, inputs=inputs)
+
+    def check(self, choice: dict, inputs: dict) -> None:
+        """The input checks, before any lock is taken or data loaded."""
+        for i in self.inputs:
+            if inputs.get(i.name) is not None:
+                i.check(Path(inputs[i.name]))
+            elif i.needed(choice):
+                said = " ".join(f"--{k} {v}" for k, v in choice.items())
+                raise DpqError(f"{said or self.name} needs --{i.name} DIR ({i.help})")
+
+
+def _quantize_runner(settings, choice, inputs, data, out, key):
+    return quantize_stage(settings, choice["method"], inputs["model"], inputs.get("teacher"), data, out,
+                          stage_settings=key)
+
+
+TEACHER_INPUT = Input("teacher", "teacher artifact folder (from `dpq teacher`)", require_teacher)
+COMMANDS: dict[str, Stage] = {s.name: s for s in (
+    Stage("teacher", "fine-tune a model on the labelled data (the teacher, or any baseline)", TeacherSettings,
+          lambda s, c, i, data, out, key: finetune_stage(s, s.model, data, out, kind="teacher", stage_settings=key),
+          skip=()),
+    Stage("distill", "distil a fine-tuned teacher into a student", DistillSettings,
+          lambda s, c, i, data, out, key: distill_stage(s, i["teacher"], data, out, stage_settings=key),
+          inputs=(TEACHER_INPUT,), skip=()),
+    Stage("prune", "remove attention heads and FFN neurons (gradual, with KD recovery)", PruneSettings,
+          lambda s, c, i, data, out, key: prune_stage(s, i["model"], i["teacher"], data, out, stage_settings=key),
+          inputs=(Input("model", "model folder to prune (from `dpq distill`, or an earlier prune)",
+                        lambda p: require_model(p, "run `dpq distill` first")),
+                  Input("teacher", "teacher artifact folder for KD during pruning and recovery", require_teacher))),
+    Stage("quantize", "4/8-bit weights: PTQ (rtn, gptq) or QAT with KD (fixed or GoR loss weights)",
+          QuantizeSettings, _quantize_runner,
+          inputs=(Input("model", "fp32 model folder (from `dpq distill` or `dpq prune`)", require_model),
+                  Input("teacher", "teacher artifact folder (QAT: distil from it)", require_teacher,
+                        needed=lambda c: c["method"] in methods.TRAINED)),
+          fanout=Fanout("method", methods.choices,
+                        "round-to-nearest, GPTQ, QAT with KD, or a method registered in dpq.quant.methods"),
+          skip=("enabled", "methods"), trains=lambda c: c["method"] in methods.TRAINED),
+    Stage("export", "ONNX export: fp32, int8 (dynamic) or int4 (MatMulNBits, the model's own codes)", ExportSettings,
+          lambda s, c, i, data, out, key: export_stage(s, c["precision"], i["model"], out, stage_settings=key),
+          inputs=(Input("model", "model folder (int4: a 4-bit `dpq quantize` folder)",
+                        lambda p: require_model(p, "give an fp32 model folder, or a 4-bit one for int4")),),
+          fanout=Fanout("precision", lambda: list(PRECISIONS), "weight precision in the file"),
+          data=False, skip=("enabled", "precisions"), trains=lambda c: False,
+          flags=(("--format", dict(default="onnx", choices=("onnx",), help="export format")),)),
+)}
 
 
 @dataclass
@@ -84,8 +181,8 @@ class Plan:
 def _teacher(p: Plan) -> list[Step]:
     r, out = p.recipe, p.run / "teacher"
     key = stage_key(r.teacher, data=p.data_key)
-    return [Step("teacher", out, key, lambda: finetune_stage(r.teacher, r.teacher.model, p.data(), out, kind="teacher",
-                                                              stage_settings=key), "teacher", trains=True)]
+    return [Step("teacher", out, key, lambda: COMMANDS["teacher"].run(r.teacher, {}, {}, p.data(), out, key),
+                 "teacher", trains=True)]
 
 
 def _baseline(p: Plan) -> list[Step]:
@@ -101,7 +198,8 @@ def _baseline(p: Plan) -> list[Step]:
 def _distill(p: Plan) -> list[Step]:
     r, out, teacher = p.recipe, p.run / "distilled", p.get("teacher")
     key = stage_key(r.distill, data=p.data_key, inputs={"teacher": teacher.key})
-    return [Step("distill", out, key, lambda: distill_stage(r.distill, teacher.out, p.data(), out, stage_settings=key),
+    return [Step("distill", out, key,
+                 lambda: COMMANDS["distill"].run(r.distill, {}, {"teacher": teacher.out}, p.data(), out, key),
                  "distill", trains=True)]
 
 
@@ -110,8 +208,9 @@ def _prune(p: Plan) -> list[Step]:
     if not r.prune.enabled:
         return []
     key = stage_key(r.prune, data=p.data_key, inputs={"teacher": teacher.key, "model": model.key})
-    return [Step("prune", out, key, lambda: prune_stage(r.prune, model.out, teacher.out, p.data(), out,
-                                                         stage_settings=key), "prune", trains=True)]
+    inputs = {"model": model.out, "teacher": teacher.out}
+    return [Step("prune", out, key, lambda: COMMANDS["prune"].run(r.prune, {}, inputs, p.data(), out, key),
+                 "prune", trains=True)]
 
 
 def _quantize(p: Plan) -> list[Step]:
@@ -124,9 +223,10 @@ def _quantize(p: Plan) -> list[Step]:
         key = stage_key(r.quantize, data=p.data_key, choice={"method": method},
                         inputs={"teacher": teacher.key, "model": source.key})
         steps.append(Step(f"quantize-{method}", out, key,
-                          lambda method=method, out=out, key=key: quantize_stage(
-                              r.quantize, method, source.out, teacher.out, p.data(), out, stage_settings=key),
-                          f"quantize {method}", trains=method in TRAINED, measured=False))
+                          lambda method=method, out=out, key=key: _quantize_runner(
+                              r.quantize, {"method": method}, {"model": source.out, "teacher": teacher.out},
+                              p.data(), out, key),
+                          f"quantize {method}", trains=method in methods.TRAINED, measured=False))
     return steps
 
 
@@ -142,8 +242,8 @@ def _export(p: Plan) -> list[Step]:
             out = p.run / f"export-{precision}-{src.out.name}"
             key = stage_key(r.export, choice={"precision": precision}, inputs={"model": src.key})
             steps.append(Step(out.name, out, key,
-                              lambda precision=precision, src=src, out=out, key=key: export_stage(
-                                  r.export, precision, src.out, out, stage_settings=key),
+                              lambda precision=precision, src=src, out=out, key=key: COMMANDS["export"].run(
+                                  r.export, {"precision": precision}, {"model": src.out}, None, out, key),
                               f"{src.label} → export {precision}", trains=False))
     return steps
 
