@@ -84,6 +84,8 @@ def test_teacher_distill_evaluate_end_to_end(capsys, tmp_path, tiny_models, sst2
     assert code == 0, err
     metrics = json.loads((s / "metrics.json").read_text())
     assert 0 <= metrics["accuracy"] <= 1 and metrics["train_examples"] == 64
+    # chosen on the held-out slice of train; dev is measured once, on the saved model
+    assert metrics["selected_on"] == "heldout" and 0 <= metrics["selection_accuracy"] <= 1
 
     code, out, err = run_cli(capsys, "evaluate", t, s, "--data", sst2_slice, "--json", tmp_path / "e.json",
                              "--latency-repeats", "2", "--warmup", "1")
@@ -94,7 +96,13 @@ def test_teacher_distill_evaluate_end_to_end(capsys, tmp_path, tiny_models, sst2
         assert {"accuracy", "loss", "params", "size_mb", "gflops", "latency_ms_bs1", "latency_ms_bs32"} <= set(r)
         assert r["runtime"] == "torch-fp32" and r["hardware"]["threads"] >= 1
     assert rows[0]["params"] > rows[1]["params"] and rows[0]["gflops"] > rows[1]["gflops"]
+    assert rows[1]["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)  # the stage's figure is dev's
     assert "| teacher |" in out
+
+    code, _, err = run_cli(capsys, "distill", "--teacher", t, "--student", tiny_models["student"], "--data", sst2_slice,
+                           "--out", tmp_path / "on-dev", "--validation-fraction", "0", *FAST)
+    assert code == 0, err
+    assert json.loads((tmp_path / "on-dev" / "metrics.json").read_text())["selected_on"] == "dev"
 
 
 def test_logit_only_distillation_caches_teacher_logits(capsys, tmp_path, tiny_models, sst2_slice, monkeypatch):
@@ -117,35 +125,44 @@ teacher: {{model: {tiny_models['teacher']}, epochs: 1, max_train_samples: 48, ba
 baseline: {{epochs: 1, max_train_samples: 48, batch_size: 16}}
 distill: {{student: {tiny_models['student']}, epochs: 1, max_train_samples: 48, batch_size: 16, alpha: ALPHA}}
 prune: {{epochs: 1, max_train_samples: 48, batch_size: 16, heads: 0.5, ffn: 0.5, update_every: 1}}
-quantize: {{methods: [rtn, qat], group_size: 16, epochs: 1, max_train_samples: 48, batch_size: 16, loss_weights: gor}}
+quantize: {{methods: [rtn, qat], unpruned_methods: [rtn], group_size: 16, epochs: 1, max_train_samples: 48,
+            batch_size: 16, loss_weights: gor}}
 export: {{precisions: [int8, int4], accuracy_level: 0}}
 evaluate: {{latency_repeats: 1, warmup: 0}}
+target: {{max_size_mb: 100}}
 """
     recipe.write_text(body.replace("ALPHA", "0.5"))
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "run", recipe, "--out", run)
     assert code == 0, err
-    exports = ["export-int8-pruned", "export-int4-quantized-rtn", "export-int4-quantized-qat"]
-    for name in ["teacher", "baseline", "distilled", "pruned", "quantized-rtn", "quantized-qat", *exports,
-                 "evaluation"]:
+    # the distilled student quantized and exported without pruning too: what pruning buys, side by side
+    exports = ["export-int8-pruned", "export-int8-distilled", "export-int4-quantized-rtn", "export-int4-quantized-qat",
+               "export-int4-quantized-rtn-unpruned"]
+    for name in ["teacher", "baseline", "distilled", "pruned", "quantized-rtn", "quantized-qat",
+                 "quantized-rtn-unpruned", *exports, "evaluation"]:
         assert artifacts.is_complete(run / name), name
     assert (run / "recipe.yaml").is_file()
     rows = json.loads((run / "evaluation" / "results.json").read_text())
     assert [r["name"] for r in rows] == ["teacher", "baseline", "distilled", "pruned", *exports]
     assert rows[3]["params"] < rows[2]["params"] and rows[3]["gflops"] < rows[2]["gflops"]
     assert [r["stage"] for r in rows] == ["teacher", "baseline (no KD)", "distill", "prune", "prune → export int8",
-                                          "quantize rtn → export int4", "quantize qat → export int4"]
+                                          "distill → export int8", "quantize rtn → export int4",
+                                          "quantize qat → export int4", "quantize rtn (unpruned) → export int4"]
+    assert rows[-1]["params"] > rows[-2]["params"] and rows[5]["params"] > rows[4]["params"]
     report = json.loads((run / "report" / "report.json").read_text())
     assert report["rows"][0]["smaller_than_teacher"] == 1.0  # every ratio to the teacher: one place, the report
-    assert [r["runtime"] for r in rows[3:]] == ["torch-fp32", "onnx-int8", "onnx-int4", "onnx-int4"]
-    assert rows[5]["gflops"] == rows[3]["gflops"]  # same network, counted from the same structure
+    assert report["recommendation"]["model"] == max((r for r in rows[1:] if r["size_mb"] <= 100),
+                                                    key=lambda r: (r["accuracy"], -r["size_mb"]))["name"]
+    assert [r["runtime"] for r in rows[3:]] == ["torch-fp32", "onnx-int8", "onnx-int8", "onnx-int4", "onnx-int4",
+                                                "onnx-int4"]
+    assert rows[6]["gflops"] == rows[3]["gflops"]  # same network, counted from the same structure
 
     code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")
-    assert code == 0 and out.count("skip") == 10
+    assert code == 0 and out.count("skip") == 13
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
     code, out, err = run_cli(capsys, "run", recipe, "--out", run)  # the same command again: nothing retrained
     assert code == 0, err
-    assert err.count("skipped") == 10 and {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == before
+    assert err.count("skipped") == 13 and {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == before
 
     recipe.write_text(body.replace("ALPHA", "0.9"))
     code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")

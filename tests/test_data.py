@@ -142,3 +142,17 @@ def test_hub_errors_a_user_causes_are_one_line_and_bugs_are_not(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", failing(TypeError("a bug, in dpq or below it")))
     with pytest.raises(TypeError):  # not reported as the user's mistake
         load_data("org/name:x")
+
+
+def test_hold_out_is_seeded_disjoint_and_capped(sst2_slice):
+    data = load_data(sst2_slice)
+    a, b = data.hold_out(0.1, 1000, seed=0), data.hold_out(0.1, 1000, seed=0)
+    assert len(a.split("heldout")) == 20 and len(a.split("train")) == 180
+    assert a.split("heldout").texts == b.split("heldout").texts  # deterministic by seed
+    assert data.hold_out(0.1, 1000, seed=1).split("heldout").texts != a.split("heldout").texts
+    # every training row lands in exactly one of the two (rows are compared with their position, duplicates too)
+    assert sorted(a.split("train").texts + a.split("heldout").texts) == sorted(data.split("train").texts)
+    assert a.split("dev").texts == data.split("dev").texts and a.selection_split == "heldout"
+    assert len(data.hold_out(0.4, 7, seed=0).split("heldout")) == 7
+    none = data.hold_out(0.0, 1000, seed=0)
+    assert none is data and none.selection_split == "dev"

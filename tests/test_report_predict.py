@@ -89,6 +89,66 @@ def test_report_without_evaluation_is_refused(capsys, tmp_path):
     assert code == 2 and "evaluation/results.json" in err
 
 
+def _target_run(tmp_path, target: dict | None):
+    run = tmp_path / "run"
+    (run / "evaluation").mkdir(parents=True)
+    rows = [_row("teacher", "torch-fp32", 0.91, 400, 60, 800), _row("distilled", "torch-fp32", 0.90, 90, 8, 90),
+            _row("int8-unpruned", "onnx-int8", 0.895, 23, 2.0, 30), _row("int8-pruned", "onnx-int8", 0.89, 18, 1.9, 20),
+            _row("int4-pruned", "onnx-int4", 0.885, 7.6, 2.5, 30), _row("int4-gptq", "onnx-int4", 0.87, 7.6, 1.7, 20)]
+    (run / "evaluation" / "results.json").write_text(json.dumps(rows))
+    if target is not None:
+        (run / "recipe.yaml").write_text(json.dumps({"name": "x", "target": target}))  # JSON is YAML
+    return run
+
+
+@pytest.mark.parametrize("target, flags, pick, says", [
+    # size and speed: the two 7.6 MB files qualify; the more accurate one is named
+    ({"max_size_mb": 8, "min_speedup_bs1": 20, "min_speedup_bs32": 20}, [], "int4-pruned", "**Ship `int4-pruned`**"),
+    # the command's flags replace the recipe's bounds: 25x at batch 1 only int4-gptq reaches (60 / 1.7 = 35x)
+    ({"max_size_mb": 8, "min_speedup_bs1": 20}, ["--min-speedup-bs1", "25"], "int4-gptq", "the 1 models"),
+    # no size bound: the most accurate fast-enough model, unpruned int8
+    ({"min_speedup_bs1": 20, "min_speedup_bs32": 20}, [], "int8-unpruned", "**Ship `int8-unpruned`**"),
+])
+def test_report_recommends_the_most_accurate_model_meeting_the_target(capsys, tmp_path, target, flags, pick, says):
+    run = _target_run(tmp_path, target)
+    code, _, err = cli(capsys, "report", run, *flags)
+    assert code == 0, err
+    rec = json.loads((run / "report" / "report.json").read_text())["recommendation"]
+    assert rec["model"] == pick and pick in rec["meets"]
+    assert says in (run / "report" / "report.md").read_text()
+
+
+def test_report_says_by_how_much_no_model_meets_the_target(capsys, tmp_path):
+    run = _target_run(tmp_path, {"max_size_mb": 5, "min_speedup_bs32": 20})
+    assert cli(capsys, "report", run)[0] == 0
+    rec = json.loads((run / "report" / "report.json").read_text())["recommendation"]
+    assert rec["model"] is None and rec["closest"] == "int4-pruned"  # only its size misses, by 2.6 MB
+    assert rec["misses"] == {"max_size_mb": {"value": 7.6, "bound": 5}}
+    md = (run / "report" / "report.md").read_text()
+    assert "**No model meets the target**" in md and "has 7.6 MB" in md
+
+
+def test_report_without_a_target_recommends_nothing_and_bad_bounds_are_refused(capsys, tmp_path):
+    run = _target_run(tmp_path, None)
+    assert cli(capsys, "report", run)[0] == 0
+    assert json.loads((run / "report" / "report.json").read_text())["recommendation"]["model"] is None
+    assert "No `target:` in the recipe" in (run / "report" / "report.md").read_text()
+    code, _, err = cli(capsys, "report", run, "--max-size-mb", "-1")
+    assert code == 2 and "target.max_size_mb" in err
+    (run / "recipe.yaml").write_text(json.dumps({"target": {"min_speedup_bs4": 3}}))
+    code, _, err = cli(capsys, "report", run)
+    assert code == 2 and "min_speedup_bs4" in err and len(err.strip().splitlines()) == 1
+
+
+def test_recipe_target_must_name_timed_batch_sizes(tmp_path):
+    from dpq.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("target: {min_speedup_bs32: 20}\nevaluate: {batch_sizes: [1, 8]}\n")
+    with pytest.raises(DpqError, match="batch 32 is not timed"):
+        load_recipe(path)
+
+
 @pytest.fixture
 def exported(capsys, tmp_path, tiny_models, sst2_slice):
     q = tmp_path / "q"

@@ -52,16 +52,33 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of refusing the file")
 
 
-def _load_data(args, need=("train", "dev")):
-    from .data import load_data
+def _holdout_args(p: argparse.ArgumentParser) -> None:
     from .recipe import DataSettings
 
-    spec = args.data or os.environ.get("DPQ_DATA") or DataSettings().path
-    return load_data(spec, skip_bad_rows=args.skip_bad_rows, need=need), spec
+    _add_settings(p, DataSettings, skip=("path", "labels", "skip_bad_rows"), title="held-out selection split")
+
+
+def _data_settings(args):
+    """The command's data section: --data (else $DPQ_DATA, else the default) and the held-out split's flags."""
+    from .recipe import DataSettings, build
+
+    given = {k: v for k, v in _given(args, DataSettings).items() if k not in ("path", "skip_bad_rows")}
+    return build(DataSettings, dict(given, path=args.data or os.environ.get("DPQ_DATA") or DataSettings().path,
+                                    skip_bad_rows=args.skip_bad_rows), "data")
+
+
+def _load_data(args, need=("train", "dev"), hold_out: bool = True):
+    from .data import load_data
+
+    d = _data_settings(args)
+    data = load_data(d.path, skip_bad_rows=d.skip_bad_rows, need=need)
+    if hold_out:
+        data = data.hold_out(d.validation_fraction, d.validation_max_samples, d.validation_seed)
+    return data, d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .recipe import EvaluateSettings
+    from .recipe import EvaluateSettings, TargetSettings
 
     parser = argparse.ArgumentParser(prog="dpq", description="Distill, Prune, Quantize transformer text classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -95,10 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, **kw)
         if stage.data:
             _data_args(p)
+            _holdout_args(p)
         _add_settings(p, stage.settings, skip=stage.skip, title=f"{stage.name} settings")
 
     p = sub.add_parser("report", parents=[common], help="report.md/json and Pareto plots of a run's evaluation")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (from `dpq run`)")
+    _add_settings(p, TargetSettings, title="target (default: the run recipe's target: section)")
 
     p = sub.add_parser("predict", parents=[common],
                        help="label and probability for texts, from any model or exported folder")
@@ -123,10 +142,6 @@ def _cmd_run(args) -> None:
                device=args.device)
 
 
-def _data_key(args, spec: str) -> dict:
-    return {"path": spec, "labels": None, "skip_bad_rows": args.skip_bad_rows}
-
-
 def _cmd_stage(args) -> None:
     """Any declared stage alone: the same settings, input checks, key and runner as in `dpq run`."""
     from .pipeline import run_stage
@@ -138,8 +153,9 @@ def _cmd_stage(args) -> None:
     inputs = {i.name: Path(getattr(args, i.name)) if getattr(args, i.name) else None for i in stage.inputs}
     choice = {stage.fanout.name: getattr(args, stage.fanout.name)} if stage.fanout else {}
     stage.check(choice, inputs)
-    data, spec = _load_data(args) if stage.data else (None, None)
-    key = stage.key(settings, data=_data_key(args, spec) if stage.data else None, choice=choice, inputs=inputs)
+    data, data_settings = _load_data(args) if stage.data else (None, None)
+    key = stage.key(settings, data=dataclasses.asdict(data_settings) if stage.data else None, choice=choice,
+                    inputs=inputs)
     out = Path(args.out)
     name = "-".join([stage.name, *choice.values()])
     run_stage(name, out, key, lambda: stage.run(settings, choice, inputs, data, out, key),
@@ -147,9 +163,10 @@ def _cmd_stage(args) -> None:
 
 
 def _cmd_report(args) -> None:
+    from .recipe import TargetSettings
     from .report import write_report
 
-    out = write_report(Path(args.run_dir))
+    out = write_report(Path(args.run_dir), _given(args, TargetSettings))
     print(out / "report.md")
 
 
@@ -180,7 +197,7 @@ def _cmd_evaluate(args) -> None:
     for d in args.models:
         if not Path(d).is_dir():
             raise DpqError(f"{d}: no such model folder")
-    data, _ = _load_data(args, need=(settings.split,))
+    data, _ = _load_data(args, need=(settings.split,), hold_out=False)
     rows = evaluate_dirs([Path(d) for d in args.models], data, settings)
     print(format_table(rows))
     if args.json:

@@ -8,6 +8,7 @@ tokens, so padding to a fixed 128 would waste most of the compute.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -65,6 +66,25 @@ class TextData:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    def hold_out(self, fraction: float, max_samples: int, seed: int) -> "TextData":
+        """A seeded slice of train set aside as the ``heldout`` split (checkpoints are chosen on it, so dev is only
+        ever reported); train keeps the rest. ``fraction`` 0: no slice, selection falls back to dev."""
+        train = self.splits.get("train")
+        n = min(int(len(train) * fraction), max_samples) if train is not None and fraction > 0 else 0
+        if n == 0:
+            return self
+        picked = set(random.Random(seed).sample(range(len(train)), n))
+        take = lambda keep: ([t for i, t in enumerate(train.texts) if (i in picked) == keep],
+                             [y for i, y in enumerate(train.labels) if (i in picked) == keep])
+        splits = dict(self.splits, train=Split(*take(False), f"{train.source}[train]"),
+                      heldout=Split(*take(True), f"{train.source}[held out {n}]"))
+        return dataclasses.replace(self, splits=splits)
+
+    @property
+    def selection_split(self) -> str:
+        """Where checkpoints are chosen: the held-out slice of train, else (no slice) dev."""
+        return "heldout" if "heldout" in self.splits else "dev"
 
     def split(self, name: str) -> Split:
         name = canonical_split(name) or name

@@ -62,7 +62,8 @@ class Pipeline:
     def data(self) -> TextData:
         if self._data is None:
             d = self.recipe.data
-            self._data = load_data(d.path, labels=d.labels, skip_bad_rows=d.skip_bad_rows)
+            self._data = load_data(d.path, labels=d.labels, skip_bad_rows=d.skip_bad_rows).hold_out(
+                d.validation_fraction, d.validation_max_samples, d.validation_seed)
             log.info("data %s: %s", d.path, ", ".join(f"{k} {len(v)}" for k, v in self._data.splits.items()))
         return self._data
 

@@ -42,6 +42,10 @@ class DataSettings:
     labels: typing.Optional[list] = opt(None,
                                         "class names in label-id order (default: sorted labels of the train split)")
     skip_bad_rows: bool = opt(False, "skip malformed rows (with a count) instead of refusing the file")
+    validation_fraction: float = opt(0.05, "share of train held out to choose checkpoints on, so dev is only "
+                                     "reported (0: choose on dev)", min=0, lt=0.5)
+    validation_max_samples: int = opt(2000, "at most this many held-out examples", min=1)
+    validation_seed: int = opt(0, "seed of the held-out draw (fixed across stages and runs)")
 
 
 @dataclass
@@ -128,6 +132,8 @@ class QuantizeSettings(KDSettings):
     enabled: bool = opt(True, "run the quantization stages")
     methods: list = opt(["gptq", "qat"],
                         "recipe only: one quantize stage per method (rtn | gptq | qat | any registered)")
+    unpruned_methods: list = opt(["gptq"], "recipe only: also quantize the distilled student, unpruned, with these "
+                                 "methods: the report's rows that show what pruning buys and costs")
     bits: int = opt(4, "weight bit width (4 or 8)", choices=(4, 8))
     group_size: int = opt(32, "weights per scale (consecutive input columns of one output row)",
                           choices=(16, 32, 64, 128))
@@ -152,6 +158,7 @@ class QuantizeSettings(KDSettings):
         from .quant import methods
 
         _check_list("quantize.methods", self.methods, methods.choices())
+        _check_list("quantize.unpruned_methods", self.unpruned_methods, methods.choices())
 
     def embedding_bits(self) -> int | None:
         if self.embeddings is None:
@@ -174,8 +181,28 @@ class ExportSettings:
     int8_weights: str = opt("auto", "int8: s8 (U8S8, reduce_range) | u8 (U8U8) | auto (chosen for this CPU)",
                             choices=("auto", "s8", "u8"))
 
+    unpruned_precisions: list = opt(["int8"], "recipe only: fp32/int8 files of the distilled student too "
+                                    "(unpruned; its int4 file comes from quantize.unpruned_methods)")
+
     def __post_init__(self):
         _check_list("export.precisions", self.precisions, ("fp32", "int8", "int4"))
+        _check_list("export.unpruned_precisions", self.unpruned_precisions, ("fp32", "int8"))
+
+
+@dataclass
+class TargetSettings:
+    """What a model must meet to be shipped: the report names the most accurate one that does, or says by how much
+    the closest misses. Speed-ups are against the fp32 teacher, on the evaluation's CPU threads; unset: no bound."""
+
+    max_size_mb: typing.Optional[float] = opt(None, "largest on-disk size (MB)", gt=0)
+    min_speedup_bs1: typing.Optional[float] = opt(None, "at least this many times faster than the teacher at "
+                                                  "batch 1", gt=0)
+    min_speedup_bs32: typing.Optional[float] = opt(None, "at least this many times faster than the teacher at "
+                                                   "batch 32", gt=0)
+    min_accuracy: typing.Optional[float] = opt(None, "lowest accuracy on the evaluation split", min=0, max=1)
+
+    def bounds(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass
@@ -215,6 +242,7 @@ class Recipe:
     quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    target: TargetSettings = field(default_factory=TargetSettings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -343,6 +371,7 @@ def load_recipe(path: str | os.PathLike, profile: str | None = None, overrides: 
     recipe.data = build(DataSettings, raw.get("data", {}) or {}, "data")
     for name, cls in STAGES.items():
         setattr(recipe, name, build(cls, raw.get(name, {}) or {}, name))
+    recipe.target = build(TargetSettings, raw.get("target", {}) or {}, "target")
     check_recipe(recipe)
     return recipe
 
@@ -350,7 +379,7 @@ def load_recipe(path: str | os.PathLike, profile: str | None = None, overrides: 
 def check_recipe(r: Recipe) -> None:
     """Mistakes that involve more than one setting: found when the recipe loads, not after hours of training."""
     q, e, p = r.quantize, r.export, r.prune
-    qat = q.enabled and "qat" in q.methods
+    qat = q.enabled and "qat" in q.methods + (q.unpruned_methods if p.enabled else [])
     if qat and not q.symmetric:
         raise DpqError("quantize.symmetric: QAT learns symmetric step sizes (LSQ); set symmetric: true "
                        "or drop qat from quantize.methods")
@@ -365,6 +394,10 @@ def check_recipe(r: Recipe) -> None:
         if q.bits != 4:
             raise DpqError(f"export.precisions: int4 needs quantize.bits: 4 (got {q.bits}); drop int4 or quantize "
                            "to 4 bits")
+    for k in r.target.bounds():
+        if k.startswith("min_speedup_bs") and int(k.removeprefix("min_speedup_bs")) not in r.evaluate.batch_sizes:
+            raise DpqError(f"target.{k}: batch {k.removeprefix('min_speedup_bs')} is not timed "
+                           f"(evaluate.batch_sizes: {r.evaluate.batch_sizes})")
     if p.enabled and p.prune_start > p.prune_end:
         raise DpqError(f"prune.prune_start ({p.prune_start}) must not be after prune.prune_end ({p.prune_end})")
 

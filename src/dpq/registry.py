@@ -30,7 +30,7 @@ from .stages import distill_stage, evaluate_run, finetune_stage, prune_stage, re
 from .stages_quant import PRECISIONS, export_stage, quantize_stage
 
 # settings that list a stage's fan-out (one stage per entry): a single stage is keyed by its own entry instead
-FANOUT_LISTS = ("methods", "precisions")
+FANOUT_LISTS = ("methods", "precisions", "unpruned_methods", "unpruned_precisions")
 
 
 def identity(source) -> str:
@@ -104,7 +104,7 @@ class Stage:
                 i.check(Path(inputs[i.name]))
             elif i.needed(choice):
                 said = " ".join(f"--{k} {v}" for k, v in choice.items())
-                raise DpqError(f"{said or self.name} needs --{i.name} DIR ({i.help})")
+                raise DpqError(f"{said or self.name} needs a {i.name}: give --{i.name} DIR ({i.help})")
 
 
 def _quantize_runner(settings, choice, inputs, data, out, key):
@@ -217,16 +217,22 @@ def _quantize(p: Plan) -> list[Step]:
     r, teacher, source = p.recipe, p.get("teacher"), p.source
     if not r.quantize.enabled:
         return []
+    # the pruned student with every method; the distilled one too (unpruned) when pruning ran, so the report shows
+    # what pruning buys at the same precision
+    todo = [(m, source, "") for m in r.quantize.methods]
+    if p.get("prune") is not None:
+        todo += [(m, p.get("distill"), "-unpruned") for m in r.quantize.unpruned_methods]
     steps = []
-    for method in r.quantize.methods:
-        out = p.run / f"quantized-{method}"
+    for method, src, suffix in todo:
+        out = p.run / f"quantized-{method}{suffix}"
         key = stage_key(r.quantize, data=p.data_key, choice={"method": method},
-                        inputs={"teacher": teacher.key, "model": source.key})
-        steps.append(Step(f"quantize-{method}", out, key,
-                          lambda method=method, out=out, key=key: _quantize_runner(
-                              r.quantize, {"method": method}, {"model": source.out, "teacher": teacher.out},
+                        inputs={"teacher": teacher.key, "model": src.key})
+        steps.append(Step(f"quantize-{method}{suffix}", out, key,
+                          lambda method=method, src=src, out=out, key=key: _quantize_runner(
+                              r.quantize, {"method": method}, {"model": src.out, "teacher": teacher.out},
                               p.data(), out, key),
-                          f"quantize {method}", trains=method in methods.TRAINED, measured=False))
+                          f"quantize {method}" + (" (unpruned)" if suffix else ""),
+                          trains=method in methods.TRAINED, measured=False))
     return steps
 
 
@@ -235,10 +241,15 @@ def _export(p: Plan) -> list[Step]:
     if not r.export.enabled:
         return []
     quantized = [s for s in p.steps if s.name.startswith("quantize-")] if r.quantize.bits == 4 else []
+    unpruned = p.get("distill") if p.get("prune") is not None else None
     steps = []
     for precision in r.export.precisions:
         # fp32 and int8 files are made from the fp32 model; an int4 file stores a 4-bit model's own codes
-        for src in ([source] if precision in ("fp32", "int8") else quantized):
+        if precision in ("fp32", "int8"):
+            sources = [source] + ([unpruned] if unpruned and precision in r.export.unpruned_precisions else [])
+        else:
+            sources = quantized
+        for src in sources:
             out = p.run / f"export-{precision}-{src.out.name}"
             key = stage_key(r.export, choice={"precision": precision}, inputs={"model": src.key})
             steps.append(Step(out.name, out, key,

@@ -60,6 +60,76 @@ def build_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def _checks(row: dict, bounds: dict) -> dict[str, tuple[float, float, bool]]:
+    """Each bound of the target: (the row's value, the bound, met?)."""
+    out = {}
+    for k, bound in bounds.items():
+        if k == "max_size_mb":
+            v = row["size_mb"]
+            out[k] = (v, bound, v <= bound)
+        elif k == "min_accuracy":
+            v = row["accuracy"]
+            out[k] = (v, bound, v >= bound)
+        else:  # min_speedup_bsN
+            v = row[f"faster_than_teacher_bs{k.removeprefix('min_speedup_bs')}"]
+            out[k] = (v, bound, v >= bound)
+    return out
+
+
+def _shortfall(checks: dict) -> float:
+    """How far a row is from the target: the sum of its misses, each relative to its bound."""
+    return sum(abs(v - b) / b for v, b, ok in checks.values() if not ok)
+
+
+def recommend(rows: list[dict], bounds: dict) -> dict:
+    """The most accurate model (other than the teacher) that meets every bound; if none does, the one that misses
+    by least, and by how much."""
+    if not bounds:
+        return {"model": None, "target": {}, "meets": []}
+    candidates = [r for r in rows if r["name"] != "teacher"]
+    checked = {r["name"]: _checks(r, bounds) for r in candidates}
+    meets = [r for r in candidates if all(ok for _, _, ok in checked[r["name"]].values())]
+    if meets:
+        best = max(meets, key=lambda r: (r["accuracy"], -r["size_mb"]))
+        return {"model": best["name"], "target": bounds, "meets": [r["name"] for r in meets]}
+    closest = min(candidates, key=lambda r: (_shortfall(checked[r["name"]]), -r["accuracy"]), default=None)
+    misses = {k: {"value": v, "bound": b} for k, (v, b, ok) in checked.get(closest["name"], {}).items() if not ok} \
+        if closest else {}
+    return {"model": None, "target": bounds, "meets": [], "closest": closest and closest["name"], "misses": misses}
+
+
+BOUND_TEXT = {"max_size_mb": ("size ≤ {b:g} MB", "{v:.1f} MB"), "min_accuracy": ("accuracy ≥ {b:.4f}", "{v:.4f}")}
+
+
+def _bound_text(k: str, b: float, v: float | None = None) -> str:
+    want, got = BOUND_TEXT.get(k, (f"≥ {{b:g}}× faster than the teacher at batch {k.removeprefix('min_speedup_bs')}",
+                                   "{v:.1f}×"))
+    return want.format(b=b) if v is None else got.format(v=v)
+
+
+def recommendation_text(rec: dict, rows: list[dict], hardware: dict) -> str:
+    bounds = rec["target"]
+    if not bounds:
+        example = ", ".join(["max_size_mb: 8"] + [f"min_speedup_bs{b}: 20" for b in batch_sizes(rows)])
+        return ("No `target:` in the recipe: every model is shown, none is recommended (set e.g. "
+                f"`target: {{{example}}}`).\n")
+    where = f"{hardware.get('threads', '?')} CPU threads"
+    want = ", ".join(_bound_text(k, b) for k, b in bounds.items())
+    by_name = {r["name"]: r for r in rows}
+    if rec["model"]:
+        r = by_name[rec["model"]]
+        faster = ", ".join(f"{r[f'faster_than_teacher_bs{b}']:.1f}× at batch {b}" for b in batch_sizes(rows))
+        return (f"**Ship `{r['name']}`** ({r['runtime']}): accuracy {r['accuracy']:.4f} "
+                f"({100 * r['accuracy_vs_teacher']:+.1f} pt vs the teacher), {r['size_mb']:.1f} MB, faster than the "
+                f"teacher {faster} — the most accurate of the {len(rec['meets'])} models that meet the target "
+                f"({want}; {where}).\n")
+    if not rec.get("closest"):
+        return f"No model to compare with the target ({want}).\n"
+    miss = "; ".join(f"{_bound_text(k, m['bound'])}: has {_bound_text(k, m['bound'], m['value'])}"
+                     for k, m in rec["misses"].items())
+    return (f"**No model meets the target** ({want}; {where}). Closest: `{rec['closest']}`, which misses {miss}.\n")
+
+
 def markdown(rows: list[dict], fronts: dict[str, list[str]], hardware: dict) -> str:
     on_front = set().union(*fronts.values()) if fronts else set()
     sizes = batch_sizes(rows)
@@ -80,34 +150,105 @@ def markdown(rows: list[dict], fronts: dict[str, list[str]], hardware: dict) -> 
     return "\n".join(lines) + "\n"
 
 
-def plots(rows: list[dict], fronts: dict[str, list[str]], folder: Path) -> list[str]:
+RUNTIME_MARKERS = {"torch-fp32": "o", "onnx-fp32": "s", "onnx-int8": "^", "onnx-int4": "D"}
+
+
+def _place_labels(ax, fig, points: list[tuple[float, float, str]]) -> None:
+    """Names beside their points, none over another or over a point: each label takes the first of a ring of
+    offsets (growing outwards, with a leader line once away from its point) whose box hits nothing placed so far."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    taken = [ax.transData.transform((x, y)) for x, y, _ in points]
+    taken = [(px - 4, py - 4, px + 4, py + 4) for px, py in taken]
+    offsets = [(dx * r, dy * r) for r in (1, 2, 3, 4, 5) for dx, dy in
+               ((5, 4), (5, -12), (-5, 4), (-5, -12), (0, 10), (0, -18), (12, -4), (-12, -4))]
+    for x, y, name in sorted(points, key=lambda p: (p[1], p[0])):
+        for dx, dy in offsets:
+            t = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
+                            ha="left" if dx >= 0 else "right",
+                            arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if abs(dx) + abs(dy) > 20 else None)
+            t.update_positions(renderer)  # an annotation is only placed at draw time
+            bb = Text.get_window_extent(t, renderer)  # the text alone: a leader line may cross its own point
+            box = (bb.x0 - 1, bb.y0 - 1, bb.x1 + 1, bb.y1 + 1)  # a pixel of air between neighbours
+            clear = all(box[2] < o[0] or box[0] > o[2] or box[3] < o[1] or box[1] > o[3] for o in taken)
+            axbb = ax.get_window_extent(renderer)
+            inside = axbb.x0 <= box[0] and box[2] <= axbb.x1 and axbb.y0 <= box[1] and box[3] <= axbb.y1
+            if clear and inside:
+                taken.append(box)
+                break
+            t.remove()
+        else:  # nowhere free: the first offset, overlapping rather than dropped
+            t = ax.annotate(name, (x, y), xytext=offsets[0], textcoords="offset points", fontsize=7)
+            t.update_positions(renderer)
+            bb = Text.get_window_extent(t, renderer)
+            taken.append((bb.x0, bb.y0, bb.x1, bb.y1))
+
+
+def plots(rows: list[dict], fronts: dict[str, list[str]], folder: Path, rec: dict | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
+    rec = rec or {}
+    teacher = next((r for r in rows if r["name"] == "teacher"), None)
     names = []
     for cost, label in costs(batch_sizes(rows)).items():
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in rows:
-            on = r["name"] in fronts[cost]
-            ax.scatter(r[cost], r["accuracy"], s=60 if on else 30, marker="*" if on else "o",
-                       color="tab:red" if on else ("black" if r["name"] == "teacher" else "tab:blue"), zorder=3)
-            ax.annotate(r["name"], (r[cost], r["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        fig, ax = plt.subplots(figsize=(9.5, 5))
+        for runtime, marker in RUNTIME_MARKERS.items():
+            group = [r for r in rows if r["runtime"] == runtime]
+            if not group:
+                continue
+            ax.scatter([r[cost] for r in group], [r["accuracy"] for r in group], marker=marker, s=36, zorder=3,
+                       label=runtime, color=["tab:red" if r["name"] in fronts[cost] else "tab:blue" for r in group])
+        others = [r for r in rows if r["runtime"] not in RUNTIME_MARKERS]
+        if others:
+            ax.scatter([r[cost] for r in others], [r["accuracy"] for r in others], marker="x", s=36, zorder=3,
+                       color="tab:blue", label="other")
         front = sorted((r for r in rows if r["name"] in fronts[cost]), key=lambda r: r[cost])
         ax.plot([r[cost] for r in front], [r["accuracy"] for r in front], color="tab:red", lw=1, zorder=2,
-                label="Pareto front")
+                label="Pareto front (red points)")
+        chosen = next((r for r in rows if r["name"] == rec.get("model")), None)
+        if chosen is not None:
+            ax.scatter([chosen[cost]], [chosen["accuracy"]], s=260, facecolors="none", edgecolors="green", lw=1.8,
+                       zorder=4, label="recommended")
+        bound = _cost_bound(cost, rec.get("target", {}), teacher)
         ax.set_xscale("log")
-        ax.set_xlabel(label + " (log scale)")
-        ax.set_ylabel("dev accuracy")
+        if bound is not None:
+            lo, hi = ax.get_xlim()
+            ax.axvspan(min(lo, bound) / 10, bound, color="green", alpha=0.08, zorder=1,
+                       label="within the target's bound on this axis")
+            ax.set_xlim(min(lo, bound / 1.2), max(hi, bound * 1.2))
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel(label + ", log scale")
+        ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        handles = [Line2D([], [], ls="", marker=RUNTIME_MARKERS.get(lab, "x"), color="0.35")  # marker = runtime
+                   if lab in RUNTIME_MARKERS or lab == "other" else h for h, lab in zip(handles, labels)]
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
         fig.tight_layout()
+        _place_labels(ax, fig, [(r[cost], r["accuracy"], r["name"]) for r in rows])
         name = f"accuracy_vs_{cost.removesuffix('_mb').removeprefix('latency_ms_')}.png"
         fig.savefig(folder / name, dpi=120)
         plt.close(fig)
         names.append(name)
     return names
+
+
+def _cost_bound(cost: str, bounds: dict, teacher: dict | None) -> float | None:
+    """The target's limit on this axis: the size bound, or the latency the speed-up bound allows."""
+    if cost == "size_mb":
+        return bounds.get("max_size_mb")
+    b = cost.removeprefix("latency_ms_bs")
+    speedup = bounds.get(f"min_speedup_bs{b}")
+    return teacher[cost] / speedup if speedup and teacher else None
 
 
 def _commit() -> str | None:
@@ -119,7 +260,24 @@ def _commit() -> str | None:
         return None
 
 
-def write_report(run_dir: Path) -> Path:
+def target_of(run_dir: Path, overrides: dict | None = None) -> dict:
+    """The run's target (its recipe.yaml's ``target:`` section) with ``overrides`` on top, as bounds."""
+    import yaml
+
+    from .recipe import TargetSettings, build
+
+    raw = {}
+    recipe = Path(run_dir) / "recipe.yaml"
+    if recipe.is_file():
+        try:
+            raw = (yaml.safe_load(recipe.read_text()) or {}).get("target") or {}
+        except (yaml.YAMLError, AttributeError):
+            raise DpqError(f"{recipe}: not a dpq recipe (its target: section cannot be read)") from None
+    return build(TargetSettings, {**raw, **(overrides or {})}, "target").bounds()
+
+
+def write_report(run_dir: Path, target: dict | None = None) -> Path:
+    """``target``: bounds that replace the run recipe's ``target:`` values (``dpq report --max-size-mb …``)."""
     run_dir = Path(run_dir)
     results_path = run_dir / "evaluation" / "results.json"
     if not results_path.is_file():
@@ -132,16 +290,23 @@ def write_report(run_dir: Path) -> Path:
         raise DpqError(f"{results_path}: holds no models")
     require("report", "the report's plots")
     rows = build_rows(results)
+    bounds = target_of(run_dir, target)
+    for k in bounds:
+        if k.startswith("min_speedup_bs") and int(k.removeprefix("min_speedup_bs")) not in batch_sizes(rows):
+            raise DpqError(f"target.{k}: the evaluation timed batch sizes {batch_sizes(rows)} only")
+    rec = recommend(rows, bounds)
     fronts = {cost: pareto(rows, cost) for cost in costs(batch_sizes(rows))}
     hardware = results[0].get("hardware", {})
     out = run_dir / "report"
-    with artifacts.artifact_dir(out, kind="report", settings={"results": artifacts.sha256_file(results_path)}) as tmp:
-        figures = plots(rows, fronts, tmp)
-        md = f"# {run_dir.name}: compressed models next to the teacher\n\n" + markdown(rows, fronts, hardware)
+    settings = {"results": artifacts.sha256_file(results_path), "target": bounds}
+    with artifacts.artifact_dir(out, kind="report", settings=settings) as tmp:
+        figures = plots(rows, fronts, tmp, rec)
+        md = (f"# {run_dir.resolve().name}: compressed models next to the teacher\n\n"
+              + recommendation_text(rec, rows, hardware) + "\n" + markdown(rows, fronts, hardware))
         md += "\n" + "\n".join(f"![{f}]({f})" for f in figures) + "\n"
         (tmp / "report.md").write_text(md)
         artifacts.write_json_atomic(tmp / "report.json", {"run": str(run_dir), "commit": _commit(),
-                                                          "hardware": hardware, "rows": rows, "pareto": fronts,
-                                                          "figures": figures})
+                                                          "hardware": hardware, "recommendation": rec, "rows": rows,
+                                                          "pareto": fronts, "figures": figures})
     log.info("report: %s", out / "report.md")
     return out

@@ -98,6 +98,17 @@ def _state_cloner(model: nn.Module):
     return lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def eval_sets(data: TextData, tok, max_length: int):
+    """(selection set, dev set): checkpoints are chosen on the held-out slice of train when the data has one."""
+    return (encode_split(data.split(data.selection_split), tok, max_length),
+            encode_split(data.split("dev"), tok, max_length))
+
+
+def reported(selection: dict, dev: dict, data: TextData) -> dict:
+    """A stage's metrics: dev accuracy measured once on the chosen model, and the selection that chose it."""
+    return dict(dev, selected_on=data.selection_split, selection_accuracy=selection.get("accuracy"))
+
+
 def _summary(kind: str, out: Path, metrics: dict) -> None:
     log.info("%s done: dev accuracy %.4f, %d params, %.1f min -> %s", kind, metrics.get("accuracy", float("nan")),
              metrics.get("params", 0), metrics.get("train_seconds", 0) / 60, out)
@@ -113,7 +124,7 @@ def finetune_stage(settings: TrainSettings, model_id: str, data: TextData, out: 
     check_space(out, model)
     train_split = data.split("train").subset(settings.max_train_samples, settings.seed)
     train_set = encode_split(train_split, tok, settings.max_length)
-    dev_set = encode_split(data.split("dev"), tok, settings.max_length)
+    select_set, dev_set = eval_sets(data, tok, settings.max_length)
     pads = pad_ids(tok)
 
     def loss_fn(batch):
@@ -123,10 +134,11 @@ def finetune_stage(settings: TrainSettings, model_id: str, data: TextData, out: 
     work = work_dir_for(out)
     fp = artifacts.settings_hash(dict(stage_settings, train_data=train_split.fingerprint()))
     result = train(model, loss_fn, train_set, pads, TrainConfig.from_settings(dataclasses.asdict(settings)), work,
-                   evaluate=lambda: measure.evaluate_model(model, dev_set, pads),
+                   evaluate=lambda: measure.evaluate_model(model, select_set, pads),
                    best_state=_state_cloner(model), restore_best=model.load_state_dict,
                    fingerprint=fp, hooks=hooks, desc=kind)
-    metrics = dict(result.best_metrics, params=models.param_count(model), train_examples=len(train_set),
+    final = reported(result.best_metrics, measure.evaluate_model(model, dev_set, pads), data)
+    metrics = dict(final, params=models.param_count(model), train_examples=len(train_set),
                    train_steps=result.steps, train_seconds=result.seconds, history=result.history)
     _seal(model, tok, out, work, kind=kind, settings=stage_settings, metrics=metrics)
     _summary(kind, out, metrics)
@@ -219,12 +231,20 @@ class KDSession:
     kd: KDLoss
     train_split: object
     train_set: object
+    select_set: object
     dev_set: object
     pads: dict
     loss_fn: object
+    data: TextData
 
     def evaluate(self) -> dict:
-        return measure.evaluate_model(self.student, self.dev_set, {"input_ids": self.pads["input_ids"]})
+        """On the selection split: what training keeps its best checkpoint by."""
+        return measure.evaluate_model(self.student, self.select_set, {"input_ids": self.pads["input_ids"]})
+
+    def report(self, selection: dict) -> dict:
+        """Dev, measured once on the final model, beside the selection accuracy that chose it."""
+        dev = measure.evaluate_model(self.student, self.dev_set, {"input_ids": self.pads["input_ids"]})
+        return reported(selection, dev, self.data)
 
 
 def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, data: TextData, *,
@@ -254,7 +274,7 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
 
     train_split = data.split("train").subset(settings.max_train_samples, settings.seed)
     train_set = encode_split(train_split, s_tok, settings.max_length, teacher_tokenizer=t_tok)
-    dev_set = encode_split(data.split("dev"), s_tok, settings.max_length)
+    select_set, dev_set = eval_sets(data, s_tok, settings.max_length)
     pads = pad_ids(s_tok, t_tok)
     cached = None
     if not kd_cfg.needs_teacher_forward:
@@ -282,7 +302,7 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
             t_logits = t_out.logits
         return kd(s_out, batch["labels"], t_logits, t_out, batch["attention_mask"], batch.get("teacher_attention_mask"))
 
-    return KDSession(teacher, student, s_tok, kd, train_split, train_set, dev_set, pads, loss_fn)
+    return KDSession(teacher, student, s_tok, kd, train_split, train_set, select_set, dev_set, pads, loss_fn, data)
 
 
 def _kd_config(settings) -> KDConfig:
@@ -306,7 +326,8 @@ def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, 
                    fingerprint=fp, hooks=hooks, desc="distill")
     if kd_cfg.attention_weight > 0 and hasattr(student, "set_attn_implementation"):
         student.set_attn_implementation("sdpa")  # saved model serves with the fast kernel
-    metrics = dict(result.best_metrics, params=models.param_count(student), train_examples=len(ses.train_set),
+    metrics = dict(ses.report(result.best_metrics), params=models.param_count(student),
+                   train_examples=len(ses.train_set),
                    train_steps=result.steps, train_seconds=result.seconds, history=result.history,
                    teacher=str(teacher_dir))
     _seal(student, ses.tokenizer, out, work, kind="distill", settings=stage_settings, metrics=metrics)
@@ -360,9 +381,10 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
     if got[0] + 1e-6 < heads * 0.99 or got[1] + 1e-6 < ffn * 0.99:  # schedule ended early: reach the target now
         masks.update(prune.importance(student, sens.scores(), cfg), cfg, 1.0)
     structure = prune.remove_masked(student, masks)
-    final = ses.evaluate()
+    final = ses.report(ses.evaluate())  # the removed model: selection and dev accuracy of what is saved
     removed_h, removed_f = masks.fractions()
-    metrics = dict(result.best_metrics, **final, params=models.param_count(student), params_before=params_before,
+    metrics = dict(final, best_masked=result.best_metrics, params=models.param_count(student),
+                   params_before=params_before,
                    heads_removed=removed_h, ffn_removed=removed_f, train_examples=len(ses.train_set),
                    train_steps=result.steps, train_seconds=result.seconds, history=result.history,
                    structure=structure, teacher=str(teacher_dir), source=str(model_dir))

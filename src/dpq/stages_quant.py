@@ -146,7 +146,7 @@ def qat_stage(settings: QuantizeSettings, model_dir: Path, teacher_dir: Path | N
                    best_state=_state_cloner(student), restore_best=student.load_state_dict,
                    fingerprint=fp, hooks=hooks, desc="quantize-qat")
     q = convert_qat(student)
-    final = ses.evaluate()
+    final = ses.report(ses.evaluate())  # the converted model (real 4-bit grid), not the fake-quantized one
     gor = {}
     if settings.loss_weights == "gor":
         wt, wk = (w.detach() for w in ses.kd.weighting.weights())
