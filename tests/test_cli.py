@@ -116,6 +116,27 @@ def test_logit_only_distillation_caches_teacher_logits(capsys, tmp_path, tiny_mo
         assert ("teacher logits from cache" in err) == (i == 1)
 
 
+def test_teacher_logits_from_the_int8_onnx_teacher_agree_with_torch_and_are_cached(capsys, tmp_path, tiny_models,
+                                                                                    sst2_slice, monkeypatch):
+    from safetensors.torch import load_file
+
+    t = tmp_path / "teacher"
+    assert run_cli(capsys, "teacher", "--model", tiny_models["teacher"], "--data", sst2_slice, "--out", t,
+                   *FAST)[0] == 0
+    cache = tmp_path / "cache" / "teacher-logits"
+    for i, runtime in enumerate(["torch", "onnx-int8", "onnx-int8"]):
+        code, _, err = run_cli(capsys, "distill", "--teacher", t, "--student", tiny_models["student"], "--data",
+                               sst2_slice, "--out", tmp_path / f"s{i}", "--teacher-logits", runtime, *FAST)
+        assert code == 0, err
+        assert ("int8 ONNX teacher" in err) == (i == 1)  # built and run once, then read from the cache
+    entries = sorted(cache.glob("*.safetensors"))
+    (q8,), (fp32,) = ([e for e in entries if e.stem.endswith("-onnx-int8") == q] for q in (True, False))
+    a, b = load_file(str(fp32))["logits"], load_file(str(q8))["logits"]
+    assert a.shape == b.shape == (64, 2)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9  # int8 rounding moves only near-ties
+    assert (a - b).abs().max() <= 0.1 * a.abs().max() + 0.05
+
+
 def test_run_recipe_skips_unchanged_and_reruns_changed(capsys, tmp_path, tiny_models, sst2_slice):
     recipe = tmp_path / "r.yaml"
     body = f"""

@@ -181,19 +181,22 @@ def _read_cached_logits(path: Path, name: str, rows: int) -> torch.Tensor | None
 
 
 def cached_teacher_logits(teacher, teacher_dir: Path, train_set, train_fingerprint: str, pads: dict, max_length: int,
-                          key: str = "teacher_input_ids") -> torch.Tensor:
+                          key: str = "teacher_input_ids", runtime: str = "torch") -> torch.Tensor:
     """Teacher logits for the whole train set, computed once (on the GPU when there is one) and cached by (teacher
     files, data, max_length). Written under a unique temporary name and renamed, so concurrent runs on the same
     teacher never read half an entry; under several processes the main one computes and the others read."""
-    name = _teacher_key(teacher_dir, train_fingerprint, max_length) + ("-own" if key == "input_ids" else "")
+    name = (_teacher_key(teacher_dir, train_fingerprint, max_length) + ("-own" if key == "input_ids" else "")
+            + ("-onnx-int8" if runtime == "onnx-int8" else ""))
     path = models.cache_dir() / "teacher-logits" / f"{name}.safetensors"
+    compute = (lambda: _compute_logits(teacher, train_set, pads, key)) if runtime == "torch" else \
+        (lambda: _compute_logits_int8(teacher, Path(teacher_dir), train_set, pads, key))
     logits = None
     if devices.is_main():
         logits = _read_cached_logits(path, name, len(train_set))
         if logits is not None:
             log.info("teacher logits from cache %s", path)
         else:
-            logits = _compute_logits(teacher, train_set, pads, key)
+            logits = compute()
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
             os.close(fd)
@@ -206,7 +209,7 @@ def cached_teacher_logits(teacher, teacher_dir: Path, train_set, train_fingerpri
     if logits is None:
         logits = _read_cached_logits(path, name, len(train_set))
         if logits is None:  # a cache folder not shared with the main process (another node)
-            logits = _compute_logits(teacher, train_set, pads, key)
+            logits = compute()
     return logits
 
 
@@ -219,6 +222,30 @@ def _compute_logits(teacher, train_set, pads: dict, key: str) -> torch.Tensor:
         return measure.predict_logits(teacher, train_set, pads, key=key)
     finally:
         teacher.to(home)
+
+
+def _compute_logits_int8(teacher, teacher_dir: Path, train_set, pads: dict, key: str) -> torch.Tensor:
+    """The teacher's logits from its dynamic-int8 ONNX file in ONNX Runtime: on a CPU about 4x the PyTorch fp32
+    throughput (BENCHMARKS.md, issue 13), so a CPU run can distil on several times more sentences. The file is built
+    once per teacher (keyed by its files) and kept in the cache."""
+    from .extras import require
+    from .onnx import export, int8, runtime
+
+    require("onnx", "teacher_logits: onnx-int8")
+    folder = models.cache_dir() / "teacher-onnx"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{_teacher_key(teacher_dir, '', 0)}-int8.onnx"
+    if not path.is_file():
+        log.info("building the teacher's int8 ONNX file for its logits (once per teacher) -> %s", path)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            fp32 = export.export_onnx(teacher.cpu().eval(), Path(tmp) / "fp32.onnx")
+            int8.int8_onnx(fp32, Path(tmp) / "int8.onnx")
+            os.replace(Path(tmp) / "int8.onnx", path)
+    log.info("computing teacher logits for %d training examples with the int8 ONNX teacher (cached for later runs)",
+             len(train_set))
+    session = runtime.ort_session(path, threads=torch.get_num_threads())
+    return measure.collect_logits(lambda ids, mask: runtime.ort_logits(session, ids, mask), train_set, pads,
+                                  batch_size=64, key=key)
 
 
 @dataclasses.dataclass
@@ -279,7 +306,7 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
     cached = None
     if not kd_cfg.needs_teacher_forward:
         cached = cached_teacher_logits(teacher, teacher_dir, train_set, train_split.fingerprint(), pads,
-                                       settings.max_length)
+                                       settings.max_length, runtime=settings.teacher_logits)
     if ensemble_with_student:
         own = cached_teacher_logits(student, Path(student_id), train_set, train_split.fingerprint(), pads,
                                     settings.max_length, key="input_ids")
