@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import artifacts, devices, export, measure, models, transforms
+from . import artifacts, devices, export, hf, measure, models, transforms
 from .data import TextData, encode_split
 from .distill import make_weighting
 from .errors import DpqError
@@ -40,7 +40,7 @@ def _seal_quantized(model, tok, qweights: dict[str, QTensor], out: Path, *, sett
     with artifacts.artifact_dir(out, kind="quantize", settings=settings) as tmp:
         model.config.dpq_quant = packed.save_packed(model, qweights, tmp, meta)
         transforms.record(model.config, "quant-packed")
-        model.config.save_pretrained(tmp)
+        hf.save_config(model.config, tmp)
         tok.save_pretrained(tmp)
         artifacts.write_json_atomic(tmp / "metrics.json", metrics)
         if work is not None and (work / "metrics.jsonl").is_file():
