@@ -195,3 +195,26 @@ def test_an_untransformed_model_stays_an_ordinary_folder(tiny_models, tmp_path):
     models.save_classifier(model, tok, tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["model_type"] == "bert"
     assert not (tmp_path / "plain" / "modeling_dpq.py").exists()
+
+
+def test_optimum_runs_an_export_folder(folders, tmp_path):
+    """Optimum's ORT classes on an exported pruned model: dpq's ONNX Runtime logits. Skipped where no Optimum release
+    imports with the installed transformers (BENCHMARKS.md, issue 14)."""
+    pytest.importorskip("onnxruntime")
+    optimum_ort = pytest.importorskip("optimum.onnxruntime")
+    try:  # the package imports lazily: the class is where a release built for older transformers fails
+        ort_model = optimum_ort.ORTModelForSequenceClassification
+    except ImportError as e:
+        pytest.skip(f"optimum-onnx is installed but does not import with this transformers ({e})")
+    from dpq import export
+    from dpq.recipe import ExportSettings
+
+    out = stages_quant.export_stage(ExportSettings(), "fp32", folders["pruned"], tmp_path / "export-fp32",
+                                    stage_settings={})
+    model = ort_model.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    got = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    session, *_ = export.load_onnx_folder(out)
+    ref = export.ort_logits(session, enc["input_ids"], enc["attention_mask"])
+    assert torch.allclose(torch.as_tensor(got), torch.from_numpy(ref), atol=1e-5)
