@@ -153,16 +153,23 @@ CHILD = textwrap.dedent("""
 
 
 def test_trust_remote_code_loads_without_dpq_installed(folders, tmp_path):
+    """Also a folder that transformers saved again (as the Trainer does): the code goes with it, and a packed model,
+    now float weights, is saved without its packing."""
+    paths = {n: folders[n] for n in ("pruned", "pruned-mpnet", "packed")}
+    for n in ("pruned", "packed"):
+        AutoModelForSequenceClassification.from_pretrained(folders[n]).save_pretrained(tmp_path / f"{n}-resaved")
+        AutoTokenizer.from_pretrained(folders[n]).save_pretrained(tmp_path / f"{n}-resaved")
+        paths[f"{n}-resaved"] = tmp_path / f"{n}-resaved"
+    assert "dpq_quant" not in json.loads((tmp_path / "packed-resaved" / "config.json").read_text())
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    names = ["pruned", "pruned-mpnet", "packed"]
-    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(TEXTS), *(str(folders[n]) for n in names)],
+    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(TEXTS), *map(str, paths.values())],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    for n in names:
-        ref = torch.tensor(_dpq_logits(folders[n]))
-        row = got[str(folders[n])]
+    for n, folder in paths.items():
+        ref = torch.tensor(_dpq_logits(folders[n.removesuffix("-resaved")]))
+        row = got[str(folder)]
         assert row["module"].startswith("transformers_modules.")  # the folder's own copy of the code ran
         assert torch.allclose(torch.tensor(row["direct"]), ref, atol=1e-6)
         assert torch.allclose(torch.tensor(row["pipeline"]), ref, atol=1e-5)

@@ -18,6 +18,8 @@ the model was quantized to).
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -283,8 +285,27 @@ def classes(base: str) -> tuple[type, type]:
         base_model.__init__(self, config, *args, **kwargs)
         rebuild(self)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """What is saved is float weights (a packed checkpoint was loaded dequantized): the config drops the packing,
+        and the modeling code goes along, so the saved folder loads the way this one did, with or without dpq."""
+        config = self.config
+        quant, recs = getattr(config, "dpq_quant", None), getattr(config, "dpq_transforms", None)
+        if quant is not None:
+            del config.dpq_quant
+            if recs is not None:
+                config.dpq_transforms = [r for r in recs if r.get("name") != "quant-packed"]
+        config.auto_map = auto_map(base)
+        try:
+            out = base_model.save_pretrained(self, save_directory, *args, **kwargs)
+        finally:
+            if quant is not None:
+                config.dpq_quant, config.dpq_transforms = quant, recs
+        if kwargs.get("is_main_process", True):
+            shutil.copyfile(__file__, os.path.join(save_directory, os.path.basename(__file__)))
+        return out
+
     model_cls = type(f"Dpq{model_name}", (base_model,), {
-        "config_class": config_cls, "__init__": __init__, "__module__": __name__,
+        "config_class": config_cls, "__init__": __init__, "__module__": __name__, "save_pretrained": save_pretrained,
         "from_pretrained": classmethod(_from_pretrained(base_model.from_pretrained.__func__))})
     _CLASSES[base] = (config_cls, model_cls)
     return config_cls, model_cls
