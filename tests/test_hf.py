@@ -225,3 +225,21 @@ def test_optimum_runs_an_export_folder(folders, tmp_path):
     session, *_ = export.load_onnx_folder(out)
     ref = export.ort_logits(session, enc["input_ids"], enc["attention_mask"])
     assert torch.allclose(torch.as_tensor(got), torch.from_numpy(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("first", ["dpq", "dpq.prune", "transformers"])
+def test_import_dpq_registers_whichever_is_imported_first(folders, first):
+    """`import dpq` alone does not load transformers (the command stays light), and the classes are registered by the
+    time anything asks transformers for a dpq folder, whatever imported transformers first."""
+    code = textwrap.dedent(f"""
+        import sys
+        import {first}
+        import dpq
+        assert ("transformers" in sys.modules) == ({first!r} != "dpq"), sorted(m for m in sys.modules if "transf" in m)
+        from transformers import AutoConfig
+        print(type(AutoConfig.from_pretrained(sys.argv[1])).__name__)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code, str(folders["pruned"])], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "DpqBertConfig", r.stderr[-2000:]

@@ -24,11 +24,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from . import artifacts, hf, transforms
+from . import artifacts, hf, transforms  # importing hf registers the dpq-<base> classes
 from .errors import DpqError
 
 log = logging.getLogger("dpq")
-hf.register()  # a saved dpq-<base> config must resolve here, whoever imported transformers first
 
 WEIGHT_FILES = ("model.safetensors", "model.quant.safetensors")
 

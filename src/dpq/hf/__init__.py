@@ -18,8 +18,11 @@ CODE_FILE = Path(modeling_dpq.__file__).name
 
 
 def register() -> None:
-    """Register the classes with transformers' Auto classes (idempotent)."""
+    """Register the classes with transformers' Auto classes (idempotent; importing this package does it)."""
     modeling_dpq.register()
+
+
+register()
 
 
 def is_transformed(config) -> bool:
