@@ -180,8 +180,10 @@ def _structure(config: dict, export: dict) -> list[str]:
     lines = []
     if config.get("dpq_kept_heads"):
         heads = [len(h) for h in config["dpq_kept_heads"]]
-        lines.append(f"- pruned: attention heads per layer {heads} (of {config.get('num_attention_heads')}), "
-                     f"FFN width per layer {config.get('dpq_ffn_sizes')} (of {config.get('intermediate_size')})")
+        of_heads = config.get("num_attention_heads", config.get("n_heads"))  # DistilBERT names them its own way
+        of_ffn = config.get("intermediate_size", config.get("hidden_dim"))
+        lines.append(f"- pruned: attention heads per layer {heads} (of {of_heads}), "
+                     f"FFN width per layer {config.get('dpq_ffn_sizes')} (of {of_ffn})")
     if config.get("dpq_vocab_original"):
         lines.append(f"- vocabulary trimmed: {config.get('vocab_size')} of {config['dpq_vocab_original']} embedding "
                      "rows kept; other tokens read as [UNK] (the tokenizer is unchanged)")

@@ -9,12 +9,14 @@ measurement see the architecture they know; ``base_config`` turns one config int
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 from . import modeling_dpq
 
 CODE_FILE = Path(modeling_dpq.__file__).name
+log = logging.getLogger("dpq")
 
 
 def register() -> None:
@@ -42,7 +44,12 @@ def save_config(config, folder: Path) -> None:
         config.save_pretrained(folder)
         return
     base = modeling_dpq.base_type(config)
-    config_cls, model_cls = modeling_dpq.classes(base)
+    try:
+        config_cls, model_cls = modeling_dpq.classes(base)
+    except modeling_dpq.UnsupportedArchitecture as e:  # the model is fine; only the Hugging Face classes are missing
+        log.warning("%s: saved for dpq.load only, not from_pretrained (%s)", folder, e)
+        config.save_pretrained(folder)
+        return
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "auto_map", "architectures")}
     out = config_cls.from_dict(fields)
     out.architectures = [model_cls.__name__]

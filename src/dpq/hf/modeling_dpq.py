@@ -261,8 +261,8 @@ def base_names(base: str) -> tuple[str, str]:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    if base not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise UnsupportedArchitecture(f"transformers has no sequence-classification model of type '{base}'")
+    if not isinstance(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(base), str):  # absent, or several
+        raise UnsupportedArchitecture(f"transformers has no single sequence-classification model of type '{base}'")
     return CONFIG_MAPPING_NAMES[base], MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[base]
 
 
