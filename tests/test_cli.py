@@ -177,13 +177,15 @@ target: {{max_size_mb: 100}}
     assert [r["runtime"] for r in rows[3:]] == ["torch-fp32", "onnx-int8", "onnx-int8", "onnx-int4", "onnx-int4",
                                                 "onnx-int4"]
     assert rows[6]["gflops"] == rows[3]["gflops"]  # same network, counted from the same structure
+    _check_model_cards(run, rows)
 
     code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")
     assert code == 0 and out.count("skip") == 13
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    before = {p: p.stat().st_mtime_ns for p in [*run.rglob("*.safetensors"), *run.glob("*/README.md")]}
     code, out, err = run_cli(capsys, "run", recipe, "--out", run)  # the same command again: nothing retrained
     assert code == 0, err
-    assert err.count("skipped") == 13 and {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == before
+    assert err.count("skipped") == 13  # the cards written after sealing changed no stage's key
+    assert {p: p.stat().st_mtime_ns for p in before} == before
 
     recipe.write_text(body.replace("ALPHA", "0.9"))
     code, out, err = run_cli(capsys, "run", recipe, "--out", run, "--dry-run")
@@ -193,6 +195,37 @@ target: {{max_size_mb: 100}}
     assert lines["prune"].startswith("run")  # downstream of the changed stage
     assert lines["quantize-qat"].startswith("run") and lines["export-int4-quantized-qat"].startswith("run")
     assert lines["evaluate"].startswith("run")
+
+
+def _check_model_cards(run, rows):
+    """Every model folder carries a Hub model card whose numbers are the evaluation's rows, and still verifies."""
+    from transformers import AutoModelForSequenceClassification
+
+    from dpq import cards
+
+    by_name = {r["name"]: r for r in rows}
+    folders = [d for d in sorted(run.iterdir()) if (d / "manifest.json").is_file()
+               and json.loads((d / "manifest.json").read_text())["kind"] in cards.MODEL_KINDS]
+    assert {d.name for d in folders} == set(by_name) | {"quantized-rtn", "quantized-qat", "quantized-rtn-unpruned"}
+    for d in folders:
+        artifacts.verify(d)  # every listed file intact: the card is not one of them
+        meta = cards.front_matter((d / "README.md").read_text())
+        assert meta["pipeline_tag"] == "text-classification"
+        results = meta["model-index"][0]["results"]
+        measured = {n: {k: v for k, v in r.items() if k != "model"} for n, r in by_name.items()}
+        if d.name in by_name:
+            assert meta["dpq"]["evaluation"][d.name] == measured[d.name]
+            assert [r["metrics"][0]["value"] for r in results] == [by_name[d.name]["accuracy"]]
+            assert results[0]["dataset"]["split"] == "validation"  # the dev split, by the Hub's name
+        else:  # a packed folder: measured as its int4 export
+            export = f"export-int4-{d.name}"
+            assert meta["dpq"]["evaluation"] == {export: measured[export]}
+            assert [r["metrics"][0]["value"] for r in results] == [by_name[export]["accuracy"]]
+    pruned = cards.front_matter((run / "pruned" / "README.md").read_text())
+    assert set(pruned["dpq"]["evaluation"]) == {"pruned", "export-int8-pruned"}  # its own row and its export's
+    assert "pruned" in pruned["tags"] and pruned["library_name"] == "transformers"
+    model = AutoModelForSequenceClassification.from_pretrained(run / "quantized-qat")  # what QAT sealed loads too
+    assert model.config.dpq_quant["method"] == "qat"
 
 
 def test_run_recipe_reports_the_batch_sizes_it_timed(capsys, tmp_path, tiny_models, sst2_slice):

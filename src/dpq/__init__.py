@@ -1,6 +1,10 @@
 """dpq — Distill, Prune, Quantize transformer text classifiers."""
 
+from . import _autoregister
+
 __version__ = "0.1.0"
+
+_autoregister.install()  # so AutoModelForSequenceClassification and pipeline load dpq's pruned and 4-bit folders
 
 
 def load_model(path):

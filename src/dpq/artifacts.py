@@ -4,6 +4,10 @@ A stage writes into a hidden temporary sibling folder, fsyncs every file, writes
 (SHA-256 of every file, the settings that made it) last, and renames the folder into place. A folder
 without a manifest is therefore never taken for a finished artifact, and a checksum mismatch on load
 names the file that changed.
+
+One file is left out of the checksums: the model card (``README.md``). It describes the weights rather than being
+part of them, and ``dpq report`` rewrites it with the run's evaluation after the folder is sealed; listing it would
+make every evaluated folder look altered, while the settings hash that stage skipping reads never depended on it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, Iterator
 from .errors import DpqError
 
 MANIFEST = "manifest.json"
+CARD = "README.md"  # the model card: rewritten after sealing, never checksummed
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -86,7 +91,7 @@ def artifact_dir(final: Path, *, kind: str, settings: dict | None = None) -> Ite
         files = {
             str(p.relative_to(tmp)): sha256_file(p)
             for p in sorted(tmp.rglob("*"))
-            if p.is_file() and p.name != MANIFEST
+            if p.is_file() and p.name != MANIFEST and p.relative_to(tmp) != Path(CARD)
         }
         manifest = {
             "kind": kind,

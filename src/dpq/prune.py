@@ -10,6 +10,8 @@ Read it like torchao: a ``PruneConfig`` and transforms on an ordinary ``nn.Modul
 The per-layer kept heads and FFN widths are written to the model config (``dpq_kept_heads``,
 ``dpq_ffn_sizes``), so ``dpq.load_model`` rebuilds the smaller shapes and loads the weights exactly.
 A layer keeps at least one head and one FFN neuron: attention blocks are never dropped silently.
+The architecture adapters and the surgery live in ``hf/modeling_dpq.py``, the file saved beside a pruned model: the
+Hugging Face classes rebuild its shapes with the same code where dpq is not installed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from torch import nn
 
 from . import transforms
 from .errors import DpqError
+from .hf import modeling_dpq as _hf
+from .hf.modeling_dpq import Layer, restore_structure, shrink_layer
 
 IMPORTANCE = ("magnitude", "kd-gradient", "combined")
 ALLOCATION = ("uniform", "layer-adaptive")
@@ -50,49 +54,12 @@ class PruneConfig:
 # ----------------------------------------------------------------------------- architecture adapters
 
 
-@dataclass
-class Layer:
-    attn: nn.Module  # the module whose head-count attributes change
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
-    o: nn.Linear
-    ffn_in: nn.Linear
-    ffn_out: nn.Linear
-    head_dim: int
-
-    @property
-    def n_heads(self) -> int:
-        return self.q.out_features // self.head_dim
-
-    @property
-    def ffn_size(self) -> int:
-        return self.ffn_in.out_features
-
-
-def _head_dim(config) -> int:
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim")
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads")
-    return hidden // heads
-
-
 def layers(model: nn.Module) -> list[Layer]:
     """The prunable parts of each encoder layer; a clear error for architectures dpq cannot prune."""
-    mt = model.config.model_type
-    d = _head_dim(model.config)
-    if mt in ("bert", "roberta", "xlm-roberta", "electra"):
-        enc = getattr(model, model.base_model_prefix).encoder.layer
-        return [Layer(l.attention.self, l.attention.self.query, l.attention.self.key, l.attention.self.value,
-                      l.attention.output.dense, l.intermediate.dense, l.output.dense, d) for l in enc]
-    if mt == "mpnet":
-        enc = model.mpnet.encoder.layer
-        return [Layer(l.attention.attn, l.attention.attn.q, l.attention.attn.k, l.attention.attn.v,
-                      l.attention.attn.o, l.intermediate.dense, l.output.dense, d) for l in enc]
-    if mt == "distilbert":
-        enc = model.distilbert.transformer.layer
-        return [Layer(l.attention, l.attention.q_lin, l.attention.k_lin, l.attention.v_lin, l.attention.out_lin,
-                      l.ffn.lin1, l.ffn.lin2, d) for l in enc]
-    raise DpqError(f"pruning supports BERT-, RoBERTa-, MPNet- and DistilBERT-style encoders, not '{mt}'")
+    try:
+        return _hf.layers(model)
+    except _hf.UnsupportedArchitecture as e:
+        raise DpqError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- masks
@@ -312,59 +279,6 @@ class PruneSchedule:
 # ----------------------------------------------------------------------------- surgery
 
 
-def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> None:
-    """Keep rows (dim 0, outputs) or columns (dim 1, inputs) ``idx`` of ``lin`` in place."""
-    w = lin.weight.data.index_select(dim, idx.to(lin.weight.device)).clone()
-    lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
-    if dim == 0:
-        if lin.bias is not None:
-            lin.bias = nn.Parameter(lin.bias.data.index_select(0, idx.to(lin.bias.device)).clone())
-        lin.out_features = len(idx)
-    else:
-        lin.in_features = len(idx)
-
-
-def _set_heads(attn: nn.Module, n: int, d: int) -> None:
-    for name in ("num_attention_heads", "n_heads"):
-        if hasattr(attn, name):
-            setattr(attn, name, n)
-    if hasattr(attn, "all_head_size"):
-        attn.all_head_size = n * d
-
-
-def shrink_layer(l: Layer, keep_heads: torch.Tensor, keep_ffn: torch.Tensor) -> None:
-    d = l.head_dim
-    rows = (keep_heads[:, None] * d + torch.arange(d, device=keep_heads.device)[None, :]).reshape(-1)
-    for lin in (l.q, l.k, l.v):
-        _slice_linear(lin, rows, 0)
-    _slice_linear(l.o, rows, 1)
-    _set_heads(l.attn, len(keep_heads), d)
-    _slice_linear(l.ffn_in, keep_ffn, 0)
-    _slice_linear(l.ffn_out, keep_ffn, 1)
-
-
-def _install_bias_selectors(model: nn.Module, kept: list[list[int]]) -> None:
-    """MPNet adds one relative-position bias (all heads) to every layer: give each layer its own heads' rows."""
-    if model.config.model_type != "mpnet":
-        return
-    for l, heads in zip(layers(model), kept):
-        idx = torch.tensor(heads, device=l.q.weight.device)
-
-        def pre(module, args, kwargs, idx=idx):
-            # MPNetAttention passes (hidden_states, attention_mask, position_bias) positionally
-            if "position_bias" in kwargs:
-                pb = kwargs["position_bias"]
-                if pb is not None and pb.shape[1] != len(idx):
-                    kwargs["position_bias"] = pb.index_select(1, idx.to(pb.device))
-            elif len(args) > 2 and args[2] is not None and args[2].shape[1] != len(idx):
-                args = args[:2] + (args[2].index_select(1, idx.to(args[2].device)),) + args[3:]
-            return args, kwargs
-
-        if getattr(l.attn, "_dpq_bias_hook", None) is not None:
-            l.attn._dpq_bias_hook.remove()
-        l.attn._dpq_bias_hook = l.attn.register_forward_pre_hook(pre, with_kwargs=True)
-
-
 def remove_masked(model: nn.Module, masks: HeadFfnMasks) -> dict:
     """Physically remove masked heads and neurons; record the per-layer structure in the config."""
     masks.remove_hooks()
@@ -380,22 +294,8 @@ def remove_masked(model: nn.Module, masks: HeadFfnMasks) -> dict:
     model.config.dpq_kept_heads = kept_heads
     model.config.dpq_ffn_sizes = ffn_sizes
     transforms.record(model.config, "prune")
-    _install_bias_selectors(model, kept_heads)
+    _hf.install_bias_selectors(model, kept_heads)
     return {"kept_heads": kept_heads, "ffn_sizes": ffn_sizes}
-
-
-def restore_structure(model: nn.Module) -> nn.Module:
-    """Give a freshly built (unpruned-shape) model the pruned shapes recorded in its config."""
-    kept = getattr(model.config, "dpq_kept_heads", None)
-    sizes = getattr(model.config, "dpq_ffn_sizes", None)
-    if not kept:
-        return model
-    for l, heads, f in zip(layers(model), kept, sizes):
-        dev = l.q.weight.device
-        # shapes only: weights are loaded next
-        shrink_layer(l, torch.arange(len(heads), device=dev), torch.arange(f, device=dev))
-    _install_bias_selectors(model, kept)
-    return model
 
 
 transforms.register(transforms.Rebuild("prune", 1, "dpq_kept_heads", shape=restore_structure, module=__name__))

@@ -1,7 +1,8 @@
 """``dpq report RUN_DIR``: the evaluation of a run as a model-card table, JSON, and Pareto plots.
 
 Every figure comes from ``RUN_DIR/evaluation/results.json`` (one ``dpq evaluate`` pass: all models timed
-round-robin on one machine), so the ratios to the teacher are taken within one run.
+round-robin on one machine), so the ratios to the teacher are taken within one run. The same rows go into the model
+card (``README.md``) of every model folder of the run (``cards.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from . import artifacts
+from . import artifacts, cards
 from .errors import DpqError
 from .extras import require
 
@@ -308,5 +309,7 @@ def write_report(run_dir: Path, target: dict | None = None) -> Path:
         artifacts.write_json_atomic(tmp / "report.json", {"run": str(run_dir), "commit": _commit(),
                                                           "hardware": hardware, "recommendation": rec, "rows": rows,
                                                           "pareto": fronts, "figures": figures})
+    # the model cards draw on the same rows, so a folder pushed to a hub says what the report says
+    cards.write_run(run_dir, results, artifacts.read_manifest(results_path.parent))
     log.info("report: %s", out / "report.md")
     return out

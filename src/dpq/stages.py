@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import artifacts, devices, measure, models, prune
+from . import artifacts, cards, devices, measure, models, prune
 from .data import TextData, encode_split
 from .distill import KDConfig, KDLoss, ensemble_logits, make_weighting
 from .errors import DpqError
@@ -89,6 +89,7 @@ def _seal(model, tokenizer, out: Path, work: Path, *, kind: str, settings: dict,
             artifacts.write_json_atomic(tmp / "metrics.json", metrics)
             if (work / "metrics.jsonl").is_file():
                 shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
+            cards.write(tmp, kind=kind, settings=settings, siblings=out.parent, name=out.name)
         shutil.rmtree(work, ignore_errors=True)
     devices.barrier()
     return out
@@ -424,6 +425,12 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _artifact(d: Path) -> str | None:
+    """Which version of a dpq artifact was measured (its settings hash): a model card takes only its own rows."""
+    manifest = artifacts.read_manifest(d)
+    return manifest.get("settings_hash") if manifest else None
+
+
 def _evaluate_torch(d: Path, split, settings: EvaluateSettings) -> tuple[dict, dict]:
     model, tok = models.load_model(d)
     ds = encode_split(split, tok, min(512, getattr(model.config, "max_position_embeddings", 512)))
@@ -433,7 +440,8 @@ def _evaluate_torch(d: Path, split, settings: EvaluateSettings) -> tuple[dict, d
     quant = getattr(model.config, "dpq_quant", None)
     # a packed checkpoint runs here as its dequantized fp32 weights: say so, its integer form is the ONNX export
     runtime = f"torch-dequantized-int{quant['bits']}" if quant else "torch-fp32"
-    row = {"model": str(d), "name": d.name, "runtime": runtime, "split": settings.split, "examples": len(ds), **m,
+    row = {"model": str(d), "name": d.name, "artifact": _artifact(d), "runtime": runtime, "split": settings.split,
+           "examples": len(ds), **m,
            "params": models.param_count(model), "size_mb": round(measure.weights_size_mb(d), 3), "seq_len": seq,
            "gflops": round(measure.gflops_per_example(model, seq), 4)}
     batches = {bs: measure.dummy_batch(model, bs, seq) for bs in settings.batch_sizes}
@@ -451,8 +459,8 @@ def _evaluate_onnx(d: Path, split, settings: EvaluateSettings) -> tuple[dict, di
                        f"its config.json says {config.num_labels}")
     m = measure.accuracy_and_loss(logits, ds.labels)
     seq = max(1, round(ds.mean_length()))
-    row = {"model": str(d), "name": d.name, "runtime": info.get("runtime", "onnx"), "split": settings.split,
-           "examples": len(ds), **m, "params": models.param_count(skeleton),
+    row = {"model": str(d), "name": d.name, "artifact": _artifact(d), "runtime": info.get("runtime", "onnx"),
+           "split": settings.split, "examples": len(ds), **m, "params": models.param_count(skeleton),
            "size_mb": round(measure.weights_size_mb(d), 3), "seq_len": seq,
            "gflops": round(measure.gflops_per_example(skeleton, seq), 4),
            "kernels": {k: v for k, v in info.get("runtime_ops", {}).items()

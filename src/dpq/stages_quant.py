@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import artifacts, devices, measure, models, transforms
+from . import artifacts, cards, devices, hf, measure, models, transforms
 from .data import TextData, encode_split
 from .distill import make_weighting
 from .errors import DpqError
@@ -41,11 +41,12 @@ def _seal_quantized(model, tok, qweights: dict[str, QTensor], out: Path, *, sett
     with artifacts.artifact_dir(out, kind="quantize", settings=settings) as tmp:
         model.config.dpq_quant = packed.save_packed(model, qweights, tmp, meta)
         transforms.record(model.config, "quant-packed")
-        model.config.save_pretrained(tmp)
+        hf.save_config(model.config, tmp)
         tok.save_pretrained(tmp)
         artifacts.write_json_atomic(tmp / "metrics.json", metrics)
         if work is not None and (work / "metrics.jsonl").is_file():
             shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
+        cards.write(tmp, kind="quantize", settings=settings, siblings=out.parent, name=out.name)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -249,8 +250,9 @@ def export_stage(settings: ExportSettings, precision: str, model_dir: Path, out:
         if precision != "fp32":
             fp32.unlink()
         info["runtime_ops"] = runtime.runtime_ops(tmp / "model.onnx", off)
-        model.config.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)  # the base type: ONNX Runtime tools read it, and need no modeling code
         tok.save_pretrained(tmp)
         artifacts.write_json_atomic(tmp / "export.json", info)
+        cards.write(tmp, kind="export", settings=stage_settings, siblings=out.parent, name=out.name)
     log.info("export %s done: %.2f MB -> %s", precision, measure.weights_size_mb(out), out)
     return out

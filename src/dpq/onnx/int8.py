@@ -7,6 +7,7 @@ sums can saturate, and without VNNI int8 gains little anyway (ORT issue #6695).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -107,6 +108,17 @@ def _agree(a: Path, b: Path) -> bool:
     return bool(np.abs(outs[0] - outs[1]).max() <= 1e-3 * max(1.0, float(np.abs(outs[0]).max())))
 
 
+@contextlib.contextmanager
+def _root_logging_at(level: int):
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
 def int8_onnx(fp32_onnx: Path, out: Path, *, weight_type: str = "auto", embeddings: bool = True,
               fuse_embeddings: bool = True, keep_source: Path | None = None) -> dict:
     """Dynamic int8 (per-channel weights, activations quantized at run time) of MatMul/Attention weights.
@@ -157,10 +169,11 @@ def int8_onnx(fp32_onnx: Path, out: Path, *, weight_type: str = "auto", embeddin
         # contrib ops from the fusion have no ONNX type inference: their outputs are fp32 in this graph
         # embeddings too (uint8 table, dequantized after the lookup): otherwise they are 3/4 of the int8 file
         ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if embeddings else [])
-        quantize_dynamic(str(src), str(out), op_types_to_quantize=ops, per_channel=True,
-                         reduce_range=reduce_range,
-                         weight_type=QuantType.QInt8 if weight_type == "s8" else QuantType.QUInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        with _root_logging_at(logging.ERROR):  # the quantizer logs a line per tensor (and a hint) on the root logger
+            quantize_dynamic(str(src), str(out), op_types_to_quantize=ops, per_channel=True,
+                             reduce_range=reduce_range,
+                             weight_type=QuantType.QInt8 if weight_type == "s8" else QuantType.QUInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         if keep_source is not None:
             shutil.copyfile(src, keep_source)
     ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)

@@ -5,6 +5,8 @@ about 11.6 k of its 30.5 k WordPiece tokens. The tokenizer stays as it is; the m
 (original id -> kept row, unseen tokens -> [UNK]'s row) applied before the lookup, so every caller,
 the ONNX graph included, still feeds ordinary tokenizer ids. The price is that a token never seen in
 training reads as [UNK] — measured and reported separately from the untrimmed model.
+``RemappedEmbedding`` and its rebuild live in ``hf/modeling_dpq.py``, the file saved beside a trimmed model, so the
+Hugging Face classes rebuild the same table where dpq is not installed.
 """
 
 from __future__ import annotations
@@ -14,18 +16,7 @@ from torch import nn
 
 from .. import transforms
 from ..errors import DpqError
-
-
-class RemappedEmbedding(nn.Embedding):
-    """An embedding over the kept rows, looked up through ``remap`` (int32, one entry per original id)."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, original_vocab: int, padding_idx: int | None = None,
-                 device=None):
-        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device)
-        self.register_buffer("remap", torch.zeros(original_vocab, dtype=torch.int32, device=device))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.remap[ids].long())
+from ..hf.modeling_dpq import RemappedEmbedding, restore_vocab
 
 
 def _word_embeddings(model: nn.Module) -> tuple[nn.Module, str]:
@@ -76,18 +67,6 @@ def trim_vocab(model: nn.Module, keep: list[int], unk_id: int) -> dict:
     transforms.record(model.config, "vocab")
     model.config.vocab_size = len(keep)
     return {"kept_tokens": len(keep), "original_tokens": vocab}
-
-
-def restore_vocab(model: nn.Module) -> nn.Module:
-    """Give a model built from a trimmed config its remapped table (weights are loaded next)."""
-    original = getattr(model.config, "dpq_vocab_original", None)
-    if not original:
-        return model
-    parent, name = _word_embeddings(model)
-    old = getattr(parent, name)
-    setattr(parent, name, RemappedEmbedding(old.num_embeddings, old.embedding_dim, original, old.padding_idx,
-                                            device=old.weight.device))
-    return model
 
 
 transforms.register(transforms.Rebuild("vocab", 1, "dpq_vocab_original", shape=restore_vocab, module=__name__))
