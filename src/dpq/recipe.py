@@ -93,7 +93,7 @@ class KDSettings(TrainSettings):
                             "task vs KD balance: fixed (alpha) or gor (two learned scalars, arXiv 2509.20854)",
                             choices=("fixed", "gor"))
     teacher_logits: str = opt("torch", "how the cached teacher logits are computed (logit-only KD): torch (the fp32 "
-                              "teacher) or onnx-int8 (its dynamic-int8 ONNX file: ~4x faster on a CPU)",
+                              "teacher) or onnx-int8 (its dynamic-int8 ONNX file: 3-4x faster on a CPU)",
                               choices=("torch", "onnx-int8"))
 
 

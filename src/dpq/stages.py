@@ -226,7 +226,7 @@ def _compute_logits(teacher, train_set, pads: dict, key: str) -> torch.Tensor:
 
 
 def _compute_logits_int8(teacher, teacher_dir: Path, train_set, pads: dict, key: str) -> torch.Tensor:
-    """The teacher's logits from its dynamic-int8 ONNX file in ONNX Runtime: on a CPU about 4x the PyTorch fp32
+    """The teacher's logits from its dynamic-int8 ONNX file in ONNX Runtime: on a CPU 3-4x the PyTorch fp32
     throughput (BENCHMARKS.md, issue 13), so a CPU run can distil on several times more sentences. The file is built
     once per teacher (keyed by its files) and kept in the cache."""
     from .extras import require
