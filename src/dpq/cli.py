@@ -69,12 +69,12 @@ def _data_settings(args):
 
 def _load_data(args, need=("train", "dev"), hold_out: bool = True):
     from .data import load_data
+    from .pipeline import load_stage_data
 
     d = _data_settings(args)
-    data = load_data(d.path, skip_bad_rows=d.skip_bad_rows, need=need)
     if hold_out:
-        data = data.hold_out(d.validation_fraction, d.validation_max_samples, d.validation_seed)
-    return data, d
+        return load_stage_data(d, need), d
+    return load_data(d.path, skip_bad_rows=d.skip_bad_rows, need=need), d
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +154,7 @@ def _cmd_stage(args) -> None:
     choice = {stage.fanout.name: getattr(args, stage.fanout.name)} if stage.fanout else {}
     stage.check(choice, inputs)
     data, data_settings = _load_data(args) if stage.data else (None, None)
-    key = stage.key(settings, data=dataclasses.asdict(data_settings) if stage.data else None, choice=choice,
+    key = stage.key(settings, data=data_settings and dataclasses.asdict(data_settings), choice=choice,
                     inputs=inputs)
     out = Path(args.out)
     name = "-".join([stage.name, *choice.values()])

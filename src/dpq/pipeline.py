@@ -11,7 +11,7 @@ from typing import Callable
 from . import artifacts, devices, locks, registry
 from .data import TextData, load_data
 from .extras import require
-from .recipe import Recipe, dump_recipe, load_recipe
+from .recipe import DataSettings, Recipe, dump_recipe, load_recipe
 from .stages import check_writable, work_dir_for
 
 log = logging.getLogger("dpq")
@@ -53,6 +53,13 @@ def run_stage(name: str, out: Path, settings: dict, runner: Callable[[], Path], 
     return out
 
 
+def load_stage_data(d: DataSettings, need=("train", "dev")) -> TextData:
+    """The data a training stage sees, the same for `dpq run` and a single-stage command: the recipe's data
+    section loaded, with its held-out selection slice taken out of train."""
+    data = load_data(d.path, labels=d.labels, skip_bad_rows=d.skip_bad_rows, need=need)
+    return data.hold_out(d.validation_fraction, d.validation_max_samples, d.validation_seed)
+
+
 class Pipeline:
     def __init__(self, recipe: Recipe, run_dir: Path):
         self.recipe = recipe
@@ -62,8 +69,7 @@ class Pipeline:
     def data(self) -> TextData:
         if self._data is None:
             d = self.recipe.data
-            self._data = load_data(d.path, labels=d.labels, skip_bad_rows=d.skip_bad_rows).hold_out(
-                d.validation_fraction, d.validation_max_samples, d.validation_seed)
+            self._data = load_stage_data(d)
             log.info("data %s: %s", d.path, ", ".join(f"{k} {len(v)}" for k, v in self._data.splits.items()))
         return self._data
 
