@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -28,6 +29,20 @@ def test_user_mistake_is_one_line_exit_2_in_a_real_process(tmp_path):
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("dpq: error:") and "no such file or folder" in r.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path, sst2_slice, tiny_models):
+    """`dpq run --dry-run | head -1`: stdout is a pipe nobody reads any more."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {sst2_slice}\nteacher: {{model: {tiny_models['teacher']}}}\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before dpq writes: every write fails with EPIPE, deterministically
+    try:
+        r = subprocess.run([sys.executable, "-m", "dpq", "run", str(recipe), "--out", str(tmp_path / "run"),
+                            "--dry-run"], stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -233,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         devices.set_choice(args.device or "auto")
         devices.quiet_other_processes()
         COMMANDS.get(args.command, _cmd_stage)(args)
+        sys.stdout.flush()  # inside the try: a reader that left early (`| head`) surfaces here, not at exit
+    except BrokenPipeError:
+        # Python's documented remedy: point stdout at devnull so the interpreter's final flush is quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except DpqError as e:
         print(f"dpq: error: {e}", file=sys.stderr)
         return e.exit_code
