@@ -149,7 +149,28 @@ def metadata(folder: Path, kind: str, settings: dict, rows: dict[str, dict], dat
         meta["model-index"] = [{"name": f"{Path(siblings).name}-{name}", "results": results}]
     meta["dpq"] = {"stage": kind, "runtime": _runtime(kind, config, export),
                    "evaluation": {n: {k: v for k, v in r.items() if k != "model"} for n, r in rows.items()}}
+    taught = _read_json(folder / "metrics.json")
+    if taught.get("teachers"):
+        meta["dpq"].update(teachers=taught["teachers"], teacher_combine=taught.get("teacher_combine"))
     return meta
+
+
+COMBINED = {"average": "the mean of their softened distributions as one target",
+            "per-teacher": "a KD term each"}
+
+
+def _teaching(metrics: dict) -> list[str]:
+    """Which teachers the student learnt from (KD stages record them in metrics.json), and how they combined."""
+    teachers = metrics.get("teachers") or []
+    if len(teachers) < 2:
+        return [f"Distilled from `{teachers[0]}`.", ""] if teachers else []
+    how = COMBINED.get(metrics.get("teacher_combine"), metrics.get("teacher_combine"))
+    learned = metrics.get("gor_w_kd")
+    weights = (f"; learned GoR weights: task {metrics['gor_w_task']:.3f}, KD "
+               + ", ".join(f"{w:.3f}" for w in (learned if isinstance(learned, list) else [learned]))
+               if learned is not None else "")
+    return [f"Distilled from {len(teachers)} teachers ({how}{weights}): "
+            + ", ".join(f"`{t}`" for t in teachers) + ".", ""]
 
 
 def _use(kind: str, config: dict, export: dict) -> str:
@@ -229,6 +250,7 @@ def render(folder: Path, kind: str, settings: dict, rows: dict[str, dict], data:
             f"`{meta['dpq']['runtime']}`.{base}", ""]
     if chain:
         body += ["Made from: " + " ← ".join(f"`{n}`" for n, _ in chain), ""]
+    body += _teaching(_read_json(folder / "metrics.json"))
     body += ["## Use", "", _use(kind, config, export)]
     structure = _structure(config, export)
     if structure:

@@ -36,7 +36,8 @@ def _add_settings(parser: argparse.ArgumentParser, cls, *, skip=(), title: str |
         elif "choices" in f.metadata:
             group.add_argument(flag, type=tp, choices=[c for c in f.metadata["choices"] if c is not None], **kw)
         elif tp is list or typing.get_origin(tp) is list:
-            group.add_argument(flag, nargs="+", type=int if f.name in ("layer_map", "batch_sizes") else str, **kw)
+            group.add_argument(flag, nargs="+", type=int if f.name in ("layer_map", "batch_sizes") else str,
+                               metavar=f.metadata.get("metavar"), **kw)
         else:
             group.add_argument(flag, type=tp, metavar=f.name.upper(), **kw)
 
@@ -152,7 +153,7 @@ def _cmd_stage(args) -> None:
     settings = build(stage.settings, _given(args, stage.settings, skip=stage.skip), stage.name)
     inputs = {i.name: Path(getattr(args, i.name)) if getattr(args, i.name) else None for i in stage.inputs}
     choice = {stage.fanout.name: getattr(args, stage.fanout.name)} if stage.fanout else {}
-    stage.check(choice, inputs)
+    stage.check(choice, inputs, settings)
     data, data_settings = _load_data(args) if stage.data else (None, None)
     key = stage.key(settings, data=data_settings and dataclasses.asdict(data_settings), choice=choice,
                     inputs=inputs)

@@ -85,14 +85,22 @@ def attention_kl(s_attn, t_attn, layer_map, s_mask, t_mask) -> torch.Tensor:
 
 
 class FixedWeighting(nn.Module):
-    """Convex mix of the task and KD losses with a fixed α; the interface learnable weightings implement too."""
+    """Convex mix of the task and KD losses with a fixed α; the interface learnable weightings implement too.
+
+    ``kd`` is one KD term (a scalar) or one per teacher (a vector): several share α equally. With equal weights the
+    student's gradient is that of distilling from the mean of the teachers' distributions, since
+    Σ_i KL(p_i ‖ q) = n·KL(p̄ ‖ q) + a constant in q.
+    """
 
     def __init__(self, alpha: float):
         super().__init__()
         self.alpha = alpha
 
     def forward(self, task: torch.Tensor, kd: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        return (1 - self.alpha) * task + self.alpha * kd, {}
+        return (1 - self.alpha) * task + self.alpha * kd.mean(), {}
+
+    def summary(self) -> dict:
+        return {}
 
 
 class GoRWeighting(nn.Module):
@@ -113,12 +121,17 @@ class GoRWeighting(nn.Module):
     scalars are excluded from weight decay and train at their own learning rate ``lr`` (under the same
     warm-up/decay schedule): at a fine-tuning rate such as 5e-5 they would move by ~0.01 in a 250-step run.
     Any module with this ``forward`` can replace it.
+
+    Several teachers with a KD term each (``kd_terms`` > 1, EKD with ``teacher_combine: per-teacher``): one s per
+    term, ``Σ_i exp(-s_i)·L_kd,i + s_i`` — Kendall et al.'s form for any number of losses, so each teacher's weight
+    settles at 1/its loss. That is 1 + n learned scalars, dpq's generalisation and not the paper's two: the paper's
+    EKD-GoR method is not readable here. One KD term (one teacher, or ``average``) is the two-scalar form exactly.
     """
 
-    def __init__(self, s_max: float = 5.0, lr: float = 1e-2):
+    def __init__(self, s_max: float = 5.0, lr: float = 1e-2, kd_terms: int = 1):
         super().__init__()
         self.s_task = nn.Parameter(torch.zeros(()))
-        self.s_kd = nn.Parameter(torch.zeros(()))
+        self.s_kd = nn.Parameter(torch.zeros(() if kd_terms == 1 else (kd_terms,)))  # one term: as checkpoints hold it
         for p in (self.s_task, self.s_kd):
             p._dpq_no_decay = True
             p._dpq_lr = lr
@@ -129,16 +142,28 @@ class GoRWeighting(nn.Module):
                 torch.exp(-self.s_kd.clamp(-self.s_max, self.s_max)))
 
     def forward(self, task: torch.Tensor, kd: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if kd.shape != self.s_kd.shape:
+            raise DpqError(f"GoR weighting made for {self.s_kd.numel()} KD term(s) got {kd.numel()}")
         st, sk = self.s_task.clamp(-self.s_max, self.s_max), self.s_kd.clamp(-self.s_max, self.s_max)
-        total = torch.exp(-st) * task + torch.exp(-sk) * kd + st + sk
-        return total, {"gor_w_task": torch.exp(-st).detach(), "gor_w_kd": torch.exp(-sk).detach()}
+        total = torch.exp(-st) * task + (torch.exp(-sk) * kd).sum() + st + sk.sum()
+        return total, {"gor_w_task": torch.exp(-st).detach(), **_kd_weights(torch.exp(-sk).detach())}
+
+    def summary(self) -> dict:
+        """The learned weights as plain numbers (one KD weight, or a list of one per teacher)."""
+        wt, wk = (w.detach().cpu() for w in self.weights())
+        return {"gor_w_task": float(wt), "gor_w_kd": float(wk) if wk.ndim == 0 else wk.tolist()}
 
 
-def make_weighting(kind: str, alpha: float) -> nn.Module:
+def _kd_weights(w: torch.Tensor) -> dict:
+    """metrics.jsonl columns: ``gor_w_kd`` for one KD term, ``gor_w_kd0``… (the main teacher first) for several."""
+    return {"gor_w_kd": w} if w.ndim == 0 else {f"gor_w_kd{i}": x for i, x in enumerate(w)}
+
+
+def make_weighting(kind: str, alpha: float, kd_terms: int = 1) -> nn.Module:
     if kind == "fixed":
         return FixedWeighting(alpha)
     if kind == "gor":
-        return GoRWeighting()
+        return GoRWeighting(kd_terms=kd_terms)
     raise DpqError(f"loss_weights must be fixed or gor (got {kind!r})")
 
 
@@ -175,10 +200,17 @@ class KDLoss(nn.Module):
         self.weighting = weighting if weighting is not None else FixedWeighting(cfg.alpha)
 
     def forward(self, s_out, labels, teacher_logits, t_out=None, s_mask=None, t_mask=None) -> tuple[torch.Tensor, dict]:
+        """``teacher_logits``: one target, or a list of targets (one KD term per teacher, given to the weighting
+        as a vector). ``t_out``: the main teacher's outputs, for hidden-state and attention KD."""
         task = F.cross_entropy(s_out.logits.float(), labels)
-        kd = soft_label_kd(s_out.logits, teacher_logits, self.cfg.temperature)
+        if isinstance(teacher_logits, (list, tuple)):
+            kd = torch.stack([soft_label_kd(s_out.logits, t, self.cfg.temperature) for t in teacher_logits])
+        else:
+            kd = soft_label_kd(s_out.logits, teacher_logits, self.cfg.temperature)
         total, logs = self.weighting(task, kd)
-        logs = dict(logs, ce=task.detach(), kd=kd.detach())
+        logs = dict(logs, ce=task.detach(), kd=kd.detach().mean())
+        if kd.ndim:
+            logs.update({f"kd{i}": k for i, k in enumerate(kd.detach())})
         if self.cfg.hidden_weight > 0:
             h = hidden_mse(s_out.hidden_states, t_out.hidden_states, self.projections, self.layer_map, s_mask, t_mask)
             total = total + self.cfg.hidden_weight * h

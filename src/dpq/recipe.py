@@ -95,6 +95,22 @@ class KDSettings(TrainSettings):
     teacher_logits: str = opt("torch", "how the cached teacher logits are computed (logit-only KD): torch (the fp32 "
                               "teacher) or onnx-int8 (its dynamic-int8 ONNX file: 3-4x faster on a CPU)",
                               choices=("torch", "onnx-int8"))
+    extra_teachers: list = opt([], "more teachers (EKD): model folders with the data's classes, any architecture and "
+                               "tokenizer (a teacher, baseline or distilled output); in a recipe also a stage of the "
+                               "run by name (baseline). Logits only, cached like the teacher's; hidden-state and "
+                               "attention KD stay with the main teacher", folders=True, keyed_if_set=True,
+                               metavar="DIR")
+    teacher_combine: str = opt("average", "with extra_teachers: average (one KD term on the mean of the teachers' "
+                               "softened distributions) or per-teacher (a KD term each; loss_weights gor learns a "
+                               "weight per teacher, fixed shares alpha equally)",
+                               choices=("average", "per-teacher"), keyed_if_set=True)
+
+    def __post_init__(self):
+        names = self.extra_teachers
+        if not all(isinstance(n, str) and n.strip() for n in names):
+            raise DpqError(f"extra_teachers: a list of model folders (or, in a recipe, stage names), got {names!r}")
+        if len(set(names)) != len(names):
+            raise DpqError(f"extra_teachers: {names} names one teacher twice")
 
 
 @dataclass
@@ -160,6 +176,7 @@ class QuantizeSettings(KDSettings):
     def __post_init__(self):
         from .quant import methods
 
+        super().__post_init__()
         _check_list("quantize.methods", self.methods, methods.choices())
         _check_list("quantize.unpruned_methods", self.unpruned_methods, methods.choices())
 

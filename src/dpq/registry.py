@@ -28,29 +28,44 @@ from .recipe import (
 )
 from .stages import distill_stage, evaluate_run, finetune_stage, prune_stage, require_model, require_teacher
 from .stages_quant import PRECISIONS, export_stage, quantize_stage
+from .teachers import require_extra_teachers, teacher_key
 
 # settings that list a stage's fan-out (one stage per entry): a single stage is keyed by its own entry instead
 FANOUT_LISTS = ("methods", "precisions", "unpruned_methods", "unpruned_precisions")
 
 
-def identity(source) -> str:
+def identity(source, *, contents: bool = False) -> str:
     """What an input contributes to a key: a planned stage's key (dict) or a finished artifact gives the hash of
-    the key that made it; a plain model folder or hub id gives its name."""
+    the key that made it; a plain model folder or hub id gives its name, or with ``contents`` a folder gives the
+    hash of its weights and config (as the teacher-logits cache keys it)."""
     if isinstance(source, dict):
         return artifacts.settings_hash(source)
     manifest = artifacts.read_manifest(Path(source)) if Path(source).is_dir() else None
-    return manifest.get("settings_hash") if manifest else str(source)
+    if manifest:
+        return manifest.get("settings_hash")
+    return teacher_key(Path(source), "", 0) if contents and Path(source).is_dir() else str(source)
 
 
 def stage_key(settings, *, data: dict | None = None, choice: dict | None = None, inputs: dict | None = None) -> dict:
+    """``inputs``: each input folder's source; for a list-of-folders setting (``folders`` in its metadata, e.g.
+    ``extra_teachers``) the sources of its entries, by default the entries themselves."""
     key = dataclasses.asdict(settings)
+    inputs = dict(inputs or {})
+    for f in dataclasses.fields(settings):
+        sources = inputs.pop(f.name, key[f.name]) if f.metadata.get("folders") else None
+        if f.metadata.get("keyed_if_set") and key[f.name] == (
+                f.default_factory() if f.default is dataclasses.MISSING else f.default):
+            # absent at its default, so artifacts sealed before the setting existed keep their keys (not re-run)
+            del key[f.name]
+        elif sources is not None:
+            key[f.name] = [identity(s, contents=True) for s in sources]
     if choice:
         for f in FANOUT_LISTS:
             key.pop(f, None)
         key.update(choice)
     if data is not None:
         key["data"] = data
-    for name, source in (inputs or {}).items():
+    for name, source in inputs.items():
         key[name] = None if source is None else identity(source)
     return key
 
@@ -97,14 +112,17 @@ class Stage:
     def key(self, settings, *, data: dict | None, choice: dict, inputs: dict) -> dict:
         return stage_key(settings, data=data if self.data else None, choice=choice or None, inputs=inputs)
 
-    def check(self, choice: dict, inputs: dict) -> None:
-        """The input checks, before any lock is taken or data loaded."""
+    def check(self, choice: dict, inputs: dict, settings=None) -> None:
+        """The input checks, before any lock is taken or data loaded: the input folders, and the extra teachers a
+        KD stage's settings name."""
         for i in self.inputs:
             if inputs.get(i.name) is not None:
                 i.check(Path(inputs[i.name]))
             elif i.needed(choice):
                 said = " ".join(f"--{k} {v}" for k, v in choice.items())
                 raise DpqError(f"{said or self.name} needs a {i.name}: give --{i.name} DIR ({i.help})")
+        if getattr(settings, "extra_teachers", None):
+            require_extra_teachers(settings.extra_teachers, inputs.get("teacher"))
 
 
 def _quantize_runner(settings, choice, inputs, data, out, key):
@@ -195,11 +213,40 @@ def _baseline(p: Plan) -> list[Step]:
                  "baseline (no KD)", trains=True)]
 
 
+# stages of a run whose folder holds a model another stage can learn from, by the name `extra_teachers` gives them
+MODEL_STEPS = ("baseline", "distill", "prune")
+
+
+def _extra_teachers(p: Plan, section: str, settings):
+    """(settings with every extra teacher a folder, the source each is keyed by). A stage of this run named in
+    ``extra_teachers`` is read from its folder and keyed by its planned key, so when that stage's output changes so
+    does the key of every stage that learnt from it; it runs first because it is planned earlier. Paths are
+    checked now, before any stage runs."""
+    folders, sources = [], []
+    for name in settings.extra_teachers:
+        if name == "teacher":
+            raise DpqError(f"{section}.extra_teachers: teacher is the main teacher already")
+        if name in MODEL_STEPS:
+            step = p.get(name)
+            if step is None:
+                off = f" (is {name}.enabled false?)" if name in ("baseline", "prune") else ""
+                raise DpqError(f"{section}.extra_teachers: {name} does not run before {section} in this recipe{off}; "
+                               "name an earlier stage or give a folder")
+            folders.append(str(step.out))
+            sources.append(step.key)
+        else:
+            require_extra_teachers([name])
+            folders.append(name)
+            sources.append(name)
+    return dataclasses.replace(settings, extra_teachers=folders), sources
+
+
 def _distill(p: Plan) -> list[Step]:
     r, out, teacher = p.recipe, p.run / "distilled", p.get("teacher")
-    key = stage_key(r.distill, data=p.data_key, inputs={"teacher": teacher.key})
+    settings, extras = _extra_teachers(p, "distill", r.distill)
+    key = stage_key(r.distill, data=p.data_key, inputs={"teacher": teacher.key, "extra_teachers": extras})
     return [Step("distill", out, key,
-                 lambda: COMMANDS["distill"].run(r.distill, {}, {"teacher": teacher.out}, p.data(), out, key),
+                 lambda: COMMANDS["distill"].run(settings, {}, {"teacher": teacher.out}, p.data(), out, key),
                  "distill", trains=True)]
 
 
@@ -207,9 +254,11 @@ def _prune(p: Plan) -> list[Step]:
     r, out, teacher, model = p.recipe, p.run / "pruned", p.get("teacher"), p.get("distill")
     if not r.prune.enabled:
         return []
-    key = stage_key(r.prune, data=p.data_key, inputs={"teacher": teacher.key, "model": model.key})
+    settings, extras = _extra_teachers(p, "prune", r.prune)
+    key = stage_key(r.prune, data=p.data_key,
+                    inputs={"teacher": teacher.key, "model": model.key, "extra_teachers": extras})
     inputs = {"model": model.out, "teacher": teacher.out}
-    return [Step("prune", out, key, lambda: COMMANDS["prune"].run(r.prune, {}, inputs, p.data(), out, key),
+    return [Step("prune", out, key, lambda: COMMANDS["prune"].run(settings, {}, inputs, p.data(), out, key),
                  "prune", trains=True)]
 
 
@@ -217,6 +266,7 @@ def _quantize(p: Plan) -> list[Step]:
     r, teacher, source = p.recipe, p.get("teacher"), p.source
     if not r.quantize.enabled:
         return []
+    settings, extras = _extra_teachers(p, "quantize", r.quantize)
     # the pruned student with every method; the distilled one too (unpruned) when pruning ran, so the report shows
     # what pruning buys at the same precision
     todo = [(m, source, "") for m in r.quantize.methods]
@@ -226,10 +276,10 @@ def _quantize(p: Plan) -> list[Step]:
     for method, src, suffix in todo:
         out = p.run / f"quantized-{method}{suffix}"
         key = stage_key(r.quantize, data=p.data_key, choice={"method": method},
-                        inputs={"teacher": teacher.key, "model": src.key})
+                        inputs={"teacher": teacher.key, "model": src.key, "extra_teachers": extras})
         steps.append(Step(f"quantize-{method}{suffix}", out, key,
                           lambda method=method, src=src, out=out, key=key: _quantize_runner(
-                              r.quantize, {"method": method}, {"model": src.out, "teacher": teacher.out},
+                              settings, {"method": method}, {"model": src.out, "teacher": teacher.out},
                               p.data(), out, key),
                           f"quantize {method}" + (" (unpruned)" if suffix else ""),
                           trains=method in methods.TRAINED, measured=False))

@@ -7,27 +7,23 @@ best weights, the metrics log), then seals the artifact atomically and removes t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from . import artifacts, cards, devices, measure, models, prune
 from .data import TextData, encode_split
-from .distill import KDConfig, KDLoss, ensemble_logits, make_weighting
+from .distill import KDConfig, KDLoss, make_weighting
 from .errors import DpqError
 from .onnx import runtime
 from .recipe import DistillSettings, EvaluateSettings, PruneSettings, TrainSettings
+from .teachers import Targets, cached_teacher_logits, check_classes, extra_teacher_logits, require_extra_teachers
 from .train import Hook, TrainConfig, set_seed, train
 
 log = logging.getLogger("dpq")
@@ -149,106 +145,6 @@ def finetune_stage(settings: TrainSettings, model_id: str, data: TextData, out: 
 # ----------------------------------------------------------------------------- distillation
 
 
-def _teacher_key(teacher_dir: Path, train_fingerprint: str, max_length: int) -> str:
-    """What the cached logits depend on: the teacher's files (its manifest's checksums, or for a plain model folder
-    the checksums of its weights and config), the training data and the length they were cut to."""
-    manifest = artifacts.read_manifest(teacher_dir)
-    if manifest is not None:
-        files = manifest.get("files")
-    else:
-        folder = Path(teacher_dir)
-        files = {p.name: artifacts.sha256_file(p) for p in sorted(folder.glob("*"))
-                 if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()} if folder.is_dir() else str(folder)
-    blob = json.dumps([files, train_fingerprint, max_length], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def _read_cached_logits(path: Path, name: str, rows: int) -> torch.Tensor | None:
-    """The cached logits if the entry is whole and is the one asked for; else None (one warning, entry dropped)."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            key = (f.metadata() or {}).get("key")
-            logits = f.get_tensor("logits")
-        if key != name or logits.ndim != 2 or logits.shape[0] != rows:
-            raise ValueError(f"holds {tuple(logits.shape)} for key {key}, expected {rows} rows for {name}")
-        return logits
-    except (OSError, ValueError, SafetensorError) as e:
-        log.warning("teacher-logits cache entry %s is damaged or stale (%s); recomputing it", path,
-                    str(e).splitlines()[0][:100])
-        path.unlink(missing_ok=True)
-        return None
-
-
-def cached_teacher_logits(teacher, teacher_dir: Path, train_set, train_fingerprint: str, pads: dict, max_length: int,
-                          key: str = "teacher_input_ids", runtime: str = "torch") -> torch.Tensor:
-    """Teacher logits for the whole train set, computed once (on the GPU when there is one) and cached by (teacher
-    files, data, max_length). Written under a unique temporary name and renamed, so concurrent runs on the same
-    teacher never read half an entry; under several processes the main one computes and the others read."""
-    name = (_teacher_key(teacher_dir, train_fingerprint, max_length) + ("-own" if key == "input_ids" else "")
-            + ("-onnx-int8" if runtime == "onnx-int8" else ""))
-    path = models.cache_dir() / "teacher-logits" / f"{name}.safetensors"
-    compute = (lambda: _compute_logits(teacher, train_set, pads, key)) if runtime == "torch" else \
-        (lambda: _compute_logits_int8(teacher, Path(teacher_dir), train_set, pads, key))
-    logits = None
-    if devices.is_main():
-        logits = _read_cached_logits(path, name, len(train_set))
-        if logits is not None:
-            log.info("teacher logits from cache %s", path)
-        else:
-            logits = compute()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file({"logits": logits.contiguous()}, tmp, metadata={"key": name})
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-    devices.barrier()
-    if logits is None:
-        logits = _read_cached_logits(path, name, len(train_set))
-        if logits is None:  # a cache folder not shared with the main process (another node)
-            logits = compute()
-    return logits
-
-
-def _compute_logits(teacher, train_set, pads: dict, key: str) -> torch.Tensor:
-    log.info("computing teacher logits for %d training examples (cached for later runs)", len(train_set))
-    home = next(teacher.parameters()).device
-    dev = devices.device()
-    teacher.to(dev)
-    try:
-        return measure.predict_logits(teacher, train_set, pads, key=key)
-    finally:
-        teacher.to(home)
-
-
-def _compute_logits_int8(teacher, teacher_dir: Path, train_set, pads: dict, key: str) -> torch.Tensor:
-    """The teacher's logits from its dynamic-int8 ONNX file in ONNX Runtime: on a CPU 3-4x the PyTorch fp32
-    throughput (BENCHMARKS.md, issue 13), so a CPU run can distil on several times more sentences. The file is built
-    once per teacher (keyed by its files) and kept in the cache."""
-    from .extras import require
-    from .onnx import export, int8, runtime
-
-    require("onnx", "teacher_logits: onnx-int8")
-    folder = models.cache_dir() / "teacher-onnx"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{_teacher_key(teacher_dir, '', 0)}-int8.onnx"
-    if not path.is_file():
-        log.info("building the teacher's int8 ONNX file for its logits (once per teacher) -> %s", path)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            fp32 = export.export_onnx(teacher.cpu().eval(), Path(tmp) / "fp32.onnx")
-            int8.int8_onnx(fp32, Path(tmp) / "int8.onnx")
-            os.replace(Path(tmp) / "int8.onnx", path)
-    log.info("computing teacher logits for %d training examples with the int8 ONNX teacher (cached for later runs)",
-             len(train_set))
-    session = runtime.ort_session(path, threads=torch.get_num_threads())
-    return measure.collect_logits(lambda ids, mask: runtime.ort_logits(session, ids, mask), train_set, pads,
-                                  batch_size=64, key=key)
-
-
 @dataclasses.dataclass
 class KDSession:
     """Everything a KD-trained stage shares: teacher, student, data, the loss and the dev evaluation."""
@@ -264,6 +160,8 @@ class KDSession:
     pads: dict
     loss_fn: object
     data: TextData
+    targets: Targets
+    teachers: list[str]  # every model whose soft labels the student learns from, the main teacher first
 
     def evaluate(self) -> dict:
         """On the selection split: what training keeps its best checkpoint by."""
@@ -274,31 +172,42 @@ class KDSession:
         dev = measure.evaluate_model(self.student, self.dev_set, {"input_ids": self.pads["input_ids"]})
         return reported(selection, dev, self.data)
 
+    def teaching(self) -> dict:
+        """Who taught the student and how their terms were weighted: for metrics.json and the model card."""
+        return dict(teachers=self.teachers, teacher_combine=self.targets.combine, **self.kd.weighting.summary())
+
 
 def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, data: TextData, *,
                weighting: nn.Module | None = None, ensemble_with_student: bool = False,
                prepare_student=None, out: Path | None = None) -> KDSession:
-    """Teacher, student, encoded data and the KD loss for one stage.
+    """Teacher(s), student, encoded data and the KD loss for one stage.
 
-    ``ensemble_with_student``: distil from the average of the teacher and the student as loaded (EKD; the
-    fp32 model a QAT run starts from). ``prepare_student(model, tokenizer)`` transforms the student before
-    training (QAT swaps in fake-quantized modules). ``out``: the stage's output, checked for disk space as soon
-    as the student's size is known, before any teacher logits are computed.
+    ``settings.extra_teachers``: more teachers (EKD), each read with its own tokenizer into cached logits and combined
+    with the main teacher's by ``settings.teacher_combine``; hidden-state and attention KD use the main teacher only.
+    ``ensemble_with_student``: the student as loaded (the fp32 model a QAT run starts from) is one more teacher.
+    ``weighting``: the task/KD balance (default: ``settings.loss_weights``, one learned weight per KD term).
+    ``prepare_student(model, tokenizer)`` transforms the student before training (QAT swaps in fake-quantized
+    modules). ``out``: the stage's output, checked for disk space as soon as the student's size is known, before any
+    teacher logits are computed.
     """
     require_teacher(teacher_dir)
+    extras = [Path(x) for x in settings.extra_teachers]
+    require_extra_teachers(extras, teacher_dir)
+    if ensemble_with_student and kd_cfg.needs_teacher_forward:
+        raise DpqError("ensemble distillation uses logits only; set hidden_weight and attention_weight to 0")
     eager = kd_cfg.attention_weight > 0
     teacher, t_tok = models.load_classifier(str(teacher_dir), eager_attention=eager)
-    teacher_labels = [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
-    if [str(x) for x in teacher_labels] != data.label_names:
-        raise DpqError(f"{teacher_dir}: teacher classes {teacher_labels} differ from the data's {data.label_names}")
+    check_classes(teacher, teacher_dir, data.label_names)
     teacher.eval().requires_grad_(False)
     set_seed(settings.seed)  # a fresh head (or projections) must not depend on what ran before in this process
     student, s_tok = models.load_classifier(student_id, label_names=data.label_names, eager_attention=eager)
     if out is not None:
         check_space(out, student)
+    teachers = [str(teacher_dir), *map(str, extras)] + ([str(student_id)] if ensemble_with_student else [])
+    if weighting is None:
+        weighting = make_weighting(settings.loss_weights, settings.alpha,
+                                   Targets.terms(len(teachers), settings.teacher_combine))
     kd = KDLoss(kd_cfg, student.config, teacher.config, weighting=weighting)
-    if ensemble_with_student and kd_cfg.needs_teacher_forward:
-        raise DpqError("ensemble distillation uses logits only; set hidden_weight and attention_weight to 0")
 
     train_split = data.split("train").subset(settings.max_train_samples, settings.seed)
     train_set = encode_split(train_split, s_tok, settings.max_length, teacher_tokenizer=t_tok)
@@ -308,10 +217,13 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
     if not kd_cfg.needs_teacher_forward:
         cached = cached_teacher_logits(teacher, teacher_dir, train_set, train_split.fingerprint(), pads,
                                        settings.max_length, runtime=settings.teacher_logits)
+    # other teachers' logits are always cached: their tokenizers differ, so no batch carries their inputs
+    others = [extra_teacher_logits(x, train_split, settings.max_length, data.label_names, settings.teacher_logits)
+              for x in extras]
     if ensemble_with_student:
-        own = cached_teacher_logits(student, Path(student_id), train_set, train_split.fingerprint(), pads,
-                                    settings.max_length, key="input_ids")
-        cached = ensemble_logits([cached, own], kd_cfg.temperature)
+        others.append(cached_teacher_logits(student, Path(student_id), train_set, train_split.fingerprint(), pads,
+                                            settings.max_length, key="input_ids"))
+    targets = Targets(cached, others, settings.teacher_combine, kd_cfg.temperature)
     if prepare_student is not None:
         prepare_student(student, s_tok)
     want_h, want_a = kd_cfg.hidden_weight > 0, kd_cfg.attention_weight > 0
@@ -320,17 +232,16 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
         s_out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=want_h, output_attentions=want_a)
         t_out = None
-        if cached is not None:
-            t_logits = cached[batch["index"].cpu()].to(s_out.logits.device)
-        else:
+        if targets.main is None:
             with torch.no_grad():
                 teacher.to(batch["input_ids"].device)
                 t_out = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                                 output_hidden_states=want_h, output_attentions=want_a)
-            t_logits = t_out.logits
+        t_logits = targets(batch["index"], s_out.logits.device, None if t_out is None else t_out.logits)
         return kd(s_out, batch["labels"], t_logits, t_out, batch["attention_mask"], batch.get("teacher_attention_mask"))
 
-    return KDSession(teacher, student, s_tok, kd, train_split, train_set, select_set, dev_set, pads, loss_fn, data)
+    return KDSession(teacher, student, s_tok, kd, train_split, train_set, select_set, dev_set, pads, loss_fn, data,
+                     targets, teachers)
 
 
 def _kd_config(settings) -> KDConfig:
@@ -343,8 +254,7 @@ def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, 
     out, teacher_dir = Path(out), Path(teacher_dir)
     check_writable(out)
     kd_cfg = _kd_config(settings)
-    ses = kd_session(settings, kd_cfg, teacher_dir, settings.student, data,
-                     weighting=make_weighting(settings.loss_weights, settings.alpha), out=out)
+    ses = kd_session(settings, kd_cfg, teacher_dir, settings.student, data, out=out)
     student = ses.student
     work = work_dir_for(out)
     fp = artifacts.settings_hash(dict(stage_settings, train_data=ses.train_split.fingerprint()))
@@ -357,7 +267,7 @@ def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, 
     metrics = dict(ses.report(result.best_metrics), params=models.param_count(student),
                    train_examples=len(ses.train_set),
                    train_steps=result.steps, train_seconds=result.seconds, history=result.history,
-                   teacher=str(teacher_dir))
+                   teacher=str(teacher_dir), **ses.teaching())
     _seal(student, ses.tokenizer, out, work, kind="distill", settings=stage_settings, metrics=metrics)
     _summary("distill", out, metrics)
     return out
@@ -385,8 +295,7 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
     require_model(model_dir, "run `dpq distill` first")
     if settings.prune_start > settings.prune_end:
         raise DpqError(f"prune.prune_start ({settings.prune_start}) must not be after prune_end ({settings.prune_end})")
-    ses = kd_session(settings, _kd_config(settings), teacher_dir, str(model_dir), data,
-                     weighting=make_weighting(settings.loss_weights, settings.alpha), out=out)
+    ses = kd_session(settings, _kd_config(settings), teacher_dir, str(model_dir), data, out=out)
     student = ses.student
     params_before = models.param_count(student)
     heads, ffn = prune_fractions(settings, student)
@@ -415,7 +324,7 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
                    params_before=params_before,
                    heads_removed=removed_h, ffn_removed=removed_f, train_examples=len(ses.train_set),
                    train_steps=result.steps, train_seconds=result.seconds, history=result.history,
-                   structure=structure, teacher=str(teacher_dir), source=str(model_dir))
+                   structure=structure, teacher=str(teacher_dir), source=str(model_dir), **ses.teaching())
     _seal(student, ses.tokenizer, out, work, kind="prune", settings=stage_settings, metrics=metrics)
     log.info("prune done: heads -%.0f%%, FFN -%.0f%%, %d -> %d params, dev accuracy %.4f -> %s",
              100 * removed_h, 100 * removed_f, params_before, metrics["params"], final["accuracy"], out)

@@ -16,7 +16,6 @@ from torch import nn
 
 from . import artifacts, cards, devices, hf, measure, models, transforms
 from .data import TextData, encode_split
-from .distill import make_weighting
 from .errors import DpqError
 from .onnx import export, int4, int8, runtime
 from .quant import methods, packed
@@ -119,7 +118,8 @@ def ptq_stage(settings: QuantizeSettings, method: str, model_dir: Path, data: Te
 
 def qat_stage(settings: QuantizeSettings, model_dir: Path, teacher_dir: Path | None, data: TextData, out: Path, *,
               stage_settings: dict, hooks: Sequence[Hook] = ()) -> Path:
-    """Quantization-aware training with KD from the teacher (and, for EKD, from the fp32 model it starts from)."""
+    """Quantization-aware training with KD from the teacher (and, for EKD, from the extra teachers and/or the fp32
+    model it starts from)."""
     out, model_dir = Path(out), Path(model_dir)
     check_writable(out)
     _check_source(model_dir)
@@ -130,14 +130,13 @@ def qat_stage(settings: QuantizeSettings, model_dir: Path, teacher_dir: Path | N
     meta = _meta(settings, "qat", model_dir)
     qcfg = QATConfig(bits=settings.bits, group_size=settings.group_size, embeddings=meta["embeddings"],
                      embedding_group_size=settings.embedding_group_size, act_bits=settings.act_bits)
-    weighting = make_weighting(settings.loss_weights, settings.alpha)
 
     def prepare(m, tok):
         if settings.trim_vocab:
             meta.update(_trim(m, tok, data, settings))
         prepare_qat(m, qcfg)
 
-    ses = kd_session(settings, _kd_config(settings), Path(teacher_dir), str(model_dir), data, weighting=weighting,
+    ses = kd_session(settings, _kd_config(settings), Path(teacher_dir), str(model_dir), data,
                      ensemble_with_student=settings.ensemble, prepare_student=prepare, out=out)
     student = ses.student
     work = work_dir_for(out)
@@ -148,15 +147,11 @@ def qat_stage(settings: QuantizeSettings, model_dir: Path, teacher_dir: Path | N
                    fingerprint=fp, hooks=hooks, desc="quantize-qat")
     q = convert_qat(student)
     final = ses.report(ses.evaluate())  # the converted model (real 4-bit grid), not the fake-quantized one
-    gor = {}
-    if settings.loss_weights == "gor":
-        wt, wk = (w.detach() for w in ses.kd.weighting.weights())
-        gor = {"gor_w_task": float(wt), "gor_w_kd": float(wk)}
     metrics = dict(final, best_fake_quant=result.best_metrics, params=models.param_count(student),
                    quantized_tensors=len(q), train_examples=len(ses.train_set), train_steps=result.steps,
                    train_seconds=result.seconds, history=result.history, teacher=str(teacher_dir),
                    loss_weights=settings.loss_weights, ensemble=settings.ensemble, runtime="torch-dequantized",
-                   kept_tokens=meta.get("kept_tokens"), **gor)
+                   kept_tokens=meta.get("kept_tokens"), **ses.teaching())
     meta.update(loss_weights=settings.loss_weights, ensemble=settings.ensemble)
     _seal_quantized(student, ses.tokenizer, q, out, settings=stage_settings, metrics=metrics, meta=meta, work=work)
     devices.barrier()
