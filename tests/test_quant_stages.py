@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dpq import load_model
+from dpq import load_model, measure
 from dpq.cli import main
+from dpq.data import encode_split, load_data
+from dpq.onnx import runtime
 from dpq.quant.packed import FILE
+from dpq.stages import pad_ids
 
 FAST = ["--epochs", "1", "--max-train-samples", "48", "--batch-size", "16", "--max-length", "48"]
 
@@ -99,6 +102,13 @@ def test_ptq_export_evaluate_sizes_and_runtimes(capsys, tmp_path, tiny_models, s
     assert max(rows[1]["size_mb"], rows[2]["size_mb"]) < 0.5 * rows[0]["size_mb"]
     assert all(0 <= r["accuracy"] <= 1 and r["latency_ms_bs32"] > 0 for r in rows)
     assert rows[0]["params"] == rows[2]["params"]
+    # an int8 file's accuracy is taken one sentence per call: its activation scales span the whole batch, so in
+    # batches a sentence's logits would depend on its neighbours and on how dev happens to be batched
+    session, _, tok, _ = runtime.load_onnx_folder(exports["int8"], threads=1)
+    dev = encode_split(load_data(str(sst2_slice)).split("dev"), tok, 512)
+    alone, batched = (measure.accuracy_and_loss(runtime.ort_predict_logits(session, dev, pad_ids(tok), batch_size=b),
+                                                dev.labels)["loss"] for b in (1, 64))
+    assert rows[1]["loss"] == pytest.approx(alone, rel=1e-6) and alone != pytest.approx(batched, rel=1e-6)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -147,7 +147,8 @@ def markdown(rows: list[dict], fronts: dict[str, list[str]], hardware: dict) -> 
     hw = f"{hardware.get('cpu', '?')}, {hardware.get('threads', '?')} threads, torch {hardware.get('torch', '?')}"
     lines += ["", f"★ on the accuracy/size or accuracy/latency Pareto front. Measured on {hw}; latency is the median "
               "of repeated runs after warm-up, all models timed round-robin in one process, at the dev split's mean "
-              "length. Accuracy of an ONNX row is the exported file's own, run in ONNX Runtime."]
+              "length. Accuracy of an ONNX row is the exported file's own, run in ONNX Runtime one "
+              "sentence per call (its dynamic int8 activation scales would otherwise depend on the batch)."]
     return "\n".join(lines) + "\n"
 
 
