@@ -187,8 +187,11 @@ target: {{max_size_mb: 100}}
     assert rows[-1]["params"] > rows[-2]["params"] and rows[5]["params"] > rows[4]["params"]
     report = json.loads((run / "report" / "report.json").read_text())
     assert report["rows"][0]["smaller_than_teacher"] == 1.0  # every ratio to the teacher: one place, the report
-    assert report["recommendation"]["model"] == max((r for r in rows[1:] if r["size_mb"] <= 100),
-                                                    key=lambda r: (r["accuracy"], -r["size_mb"]))["name"]
+    assert all(0 <= r["heldout_accuracy"] <= 1 for r in rows)  # the recommendation ranks by it, dev is reported
+    assert report["recommendation"]["chosen_on"] == "heldout"
+    assert report["recommendation"]["model"] == max(
+        (r for r in rows[1:] if r["size_mb"] <= 100),
+        key=lambda r: (r["heldout_accuracy"], r["accuracy"], -r["size_mb"]))["name"]
     assert [r["runtime"] for r in rows[3:]] == ["torch-fp32", "onnx-int8", "onnx-int8", "onnx-int4", "onnx-int4",
                                                 "onnx-int4"]
     assert rows[6]["gflops"] == rows[3]["gflops"]  # same network, counted from the same structure

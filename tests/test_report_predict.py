@@ -118,6 +118,27 @@ def test_report_recommends_the_most_accurate_model_meeting_the_target(capsys, tm
     assert says in (run / "report" / "report.md").read_text()
 
 
+def test_report_recommends_by_held_out_accuracy_when_every_row_has_it(capsys, tmp_path):
+    run = _target_run(tmp_path, {"max_size_mb": 8, "min_speedup_bs1": 20, "min_speedup_bs32": 20})
+    rows = json.loads((run / "evaluation" / "results.json").read_text())
+    held = {"teacher": 0.93, "distilled": 0.92, "int8-unpruned": 0.915, "int8-pruned": 0.91, "int4-pruned": 0.90,
+            "int4-gptq": 0.905}  # int4-gptq: less accurate on dev (0.87 vs 0.885), more on the held-out slice
+    for r in rows:
+        r["heldout_accuracy"] = held[r["name"]]
+    (run / "evaluation" / "results.json").write_text(json.dumps(rows))
+    assert cli(capsys, "report", run)[0] == 0
+    rec = json.loads((run / "report" / "report.json").read_text())["recommendation"]
+    assert rec["model"] == "int4-gptq" and rec["chosen_on"] == "heldout"
+    md = (run / "report" / "report.md").read_text()
+    assert "the most accurate on the held-out slice of train (0.9050" in md and "| 0.8700 | 0.9050 |" in md
+
+    rows[-1].pop("heldout_accuracy")  # one row without it: dev decides, as for rows measured before the slice
+    (run / "evaluation" / "results.json").write_text(json.dumps(rows))
+    assert cli(capsys, "report", run)[0] == 0
+    rec = json.loads((run / "report" / "report.json").read_text())["recommendation"]
+    assert rec["model"] == "int4-pruned" and rec["chosen_on"] == "dev"
+
+
 def test_report_says_by_how_much_no_model_meets_the_target(capsys, tmp_path):
     run = _target_run(tmp_path, {"max_size_mb": 5, "min_speedup_bs32": 20})
     assert cli(capsys, "report", run)[0] == 0
