@@ -146,13 +146,52 @@ def test_hub_errors_a_user_causes_are_one_line_and_bugs_are_not(monkeypatch):
 
 def test_hold_out_is_seeded_disjoint_and_capped(sst2_slice):
     data = load_data(sst2_slice)
-    a, b = data.hold_out(0.1, 1000, seed=0), data.hold_out(0.1, 1000, seed=0)
+    a, b = data.hold_out(0.1, 1000, seed=0, unit="row"), data.hold_out(0.1, 1000, seed=0, unit="row")
     assert len(a.split("heldout")) == 20 and len(a.split("train")) == 180
     assert a.split("heldout").texts == b.split("heldout").texts  # deterministic by seed
-    assert data.hold_out(0.1, 1000, seed=1).split("heldout").texts != a.split("heldout").texts
+    assert data.hold_out(0.1, 1000, seed=1, unit="row").split("heldout").texts != a.split("heldout").texts
     # every training row lands in exactly one of the two (rows are compared with their position, duplicates too)
     assert sorted(a.split("train").texts + a.split("heldout").texts) == sorted(data.split("train").texts)
     assert a.split("dev").texts == data.split("dev").texts and a.selection_split == "heldout"
-    assert len(data.hold_out(0.4, 7, seed=0).split("heldout")) == 7
+    assert len(data.hold_out(0.4, 7, seed=0, unit="row").split("heldout")) == 7
     none = data.hold_out(0.0, 1000, seed=0)
     assert none is data and none.selection_split == "dev"
+
+
+def _phrase_tree_data(tmp_path):
+    """SST-2's shape: every sentence comes with phrases of it (word spans), some phrases shared between sentences."""
+    sentences = [f"the film number {i} is a {'fine' if i % 2 else 'dull'} piece of work" for i in range(40)]
+    rows = []
+    for i, s in enumerate(sentences):
+        w = s.split()
+        rows += [s, " ".join(w[3:]), " ".join(w[2:4])] + (["piece of work"] if i % 10 == 0 else [])
+    label = lambda t: int("fine" in t)
+    write(tmp_path, "train.tsv", "sentence\tlabel\n" + "".join(f"{t} \t{label(t)}\n" for t in rows))
+    write(tmp_path, "dev.tsv", "sentence\tlabel\na fine film\t1\na dull film\t0\n")
+    return load_data(tmp_path), sentences
+
+
+def test_sentence_hold_out_keeps_every_phrase_of_a_held_out_sentence_out_of_train(tmp_path):
+    data, sentences = _phrase_tree_data(tmp_path)
+    a = data.hold_out(0.2, 1000, seed=0)  # the default unit: sentence
+    held = [" ".join(t.split()) for t in a.split("heldout").texts]
+    train = {" ".join(t.split()) for t in a.split("train").texts}
+    assert held and set(held) <= set(sentences)  # whole sentences only, never a phrase
+    spans = {" ".join(h.split()[x:y]) for h in held for x in range(11) for y in range(x + 1, 12)}
+    assert not train & spans  # no phrase of a held-out sentence trains, shared ones ("piece of work") included
+    assert len(data.split("train")) - len(a.split("train")) >= int(0.2 * len(data.split("train")))  # budget reached
+    assert a.split("heldout").texts == data.hold_out(0.2, 1000, seed=0).split("heldout").texts
+    assert a.split("heldout").texts != data.hold_out(0.2, 1000, seed=1).split("heldout").texts
+    assert len(data.hold_out(0.4, 3, seed=0).split("heldout")) == 3  # max_samples counts sentences
+    rows = data.hold_out(0.2, 1000, seed=0, unit="row")
+    assert len(rows.split("train")) + len(rows.split("heldout")) == len(data.split("train"))
+
+
+def test_sentence_hold_out_falls_back_to_rows_for_long_form_text(tmp_path, monkeypatch):
+    from dpq import data as data_module
+
+    data, _ = _phrase_tree_data(tmp_path)
+    monkeypatch.setattr(data_module, "SPAN_BUDGET", 10)  # as if every row were a long review
+    a = data.hold_out(0.1, 1000, seed=0)
+    assert len(a.split("heldout")) == int(0.1 * len(data.split("train")))
+    assert len(a.split("train")) + len(a.split("heldout")) == len(data.split("train"))

@@ -56,6 +56,43 @@ class Split:
         return Split([self.texts[i] for i in idx], [self.labels[i] for i in idx], f"{self.source}[{n} of {len(self)}]")
 
 
+SPAN_BUDGET = 20_000_000  # word spans enumerated to find phrase families; long-form text falls back to rows
+
+
+def sentence_families(texts: Sequence[str], budget: int, max_samples: int, seed: int) -> tuple[set[int], set[int]]:
+    """(held-out rows, rows dropped from train): whole sentences drawn in seeded order, each with its family (every
+    row that is a word span of it, duplicates included), until ``budget`` rows are taken or ``max_samples``
+    sentences are held out. A sentence is a row that is no word span of another row. Rows whose spans would be too
+    many to enumerate (long-form text, where rows are not phrases of each other) are drawn as plain rows."""
+    norm = [" ".join(t.split()) for t in texts]
+    rows: dict[str, list[int]] = {}
+    for i, t in enumerate(norm):
+        rows.setdefault(t, []).append(i)
+    n_words = {t: len(t.split()) for t in rows}
+    if sum(n * (n + 1) // 2 for n in n_words.values()) > SPAN_BUDGET:
+        log.info("validation_unit sentence: rows too long to find phrase families; holding out rows")
+        return set(random.Random(seed).sample(range(len(texts)), min(budget, max_samples))), set()
+
+    def spans(t: str) -> set[str]:
+        w = t.split()
+        return {" ".join(w[a:b]) for a in range(len(w)) for b in range(a + 1, len(w) + 1)} & rows.keys()
+
+    contained = set()
+    for t in rows:
+        contained |= spans(t) - {t}
+    sentences = sorted(t for t in rows if t not in contained)
+    random.Random(seed).shuffle(sentences)
+    picked: set[int] = set()
+    taken: set[int] = set()
+    for t in sentences:
+        if len(picked) >= max_samples or len(taken) >= budget:
+            break
+        family = {i for s in spans(t) for i in rows[s]}
+        picked.add(rows[t][0])
+        taken |= family
+    return picked, taken - picked
+
+
 @dataclass
 class TextData:
     splits: dict[str, Split]
@@ -67,18 +104,33 @@ class TextData:
     def num_labels(self) -> int:
         return len(self.label_names)
 
-    def hold_out(self, fraction: float, max_samples: int, seed: int) -> "TextData":
+    def hold_out(self, fraction: float, max_samples: int, seed: int, unit: str = "sentence") -> "TextData":
         """A seeded slice of train set aside as the ``heldout`` split (checkpoints are chosen on it, so dev is only
-        ever reported); train keeps the rest. ``fraction`` 0: no slice, selection falls back to dev."""
+        ever reported); train keeps the rest. ``fraction`` 0: no slice, selection falls back to dev.
+
+        ``unit`` "row": any ``fraction`` of the rows (at most ``max_samples``). "sentence": whole sentences, the rows
+        that no other row contains, each taken out of train with every row that is a word span of it, until
+        ``fraction`` of the rows are out or ``max_samples`` sentences are held out. SST-2's training rows are the
+        phrases of its sentences' parse trees: a held-out phrase whose sentence (or sub-phrase) trains is scored from
+        memory (measured: 0.948 on such rows, 0.878 on rows with no trained phrase, 0.889 on dev)."""
         train = self.splits.get("train")
-        n = min(int(len(train) * fraction), max_samples) if train is not None and fraction > 0 else 0
-        if n == 0:
+        budget = int(len(train) * fraction) if train is not None and fraction > 0 else 0
+        if budget == 0:
             return self
-        picked = set(random.Random(seed).sample(range(len(train)), n))
-        take = lambda keep: ([t for i, t in enumerate(train.texts) if (i in picked) == keep],
-                             [y for i, y in enumerate(train.labels) if (i in picked) == keep])
-        splits = dict(self.splits, train=Split(*take(False), f"{train.source}[train]"),
-                      heldout=Split(*take(True), f"{train.source}[held out {n}]"))
+        if unit == "sentence":
+            picked, dropped = sentence_families(train.texts, budget, max_samples, seed)
+        else:
+            picked, dropped = set(random.Random(seed).sample(range(len(train)), min(budget, max_samples))), set()
+        if not picked:
+            return self
+        keep = [i for i in range(len(train)) if i not in picked and i not in dropped]
+        held = sorted(picked)
+        take = lambda idx, name: Split([train.texts[i] for i in idx], [train.labels[i] for i in idx], name)
+        splits = dict(self.splits, train=take(keep, f"{train.source}[train]"),
+                      heldout=take(held, f"{train.source}[held out {len(held)} {unit}s]"))
+        if dropped:
+            log.info("held out %d sentences of train; %d rows that are phrases of them leave train too",
+                     len(held), len(dropped))
         return dataclasses.replace(self, splits=splits)
 
     @property

@@ -57,7 +57,7 @@ def load_stage_data(d: DataSettings, need=("train", "dev")) -> TextData:
     """The data a training stage sees, the same for `dpq run` and a single-stage command: the recipe's data
     section loaded, with its held-out selection slice taken out of train."""
     data = load_data(d.path, labels=d.labels, skip_bad_rows=d.skip_bad_rows, need=need)
-    return data.hold_out(d.validation_fraction, d.validation_max_samples, d.validation_seed)
+    return data.hold_out(d.validation_fraction, d.validation_max_samples, d.validation_seed, unit=d.validation_unit)
 
 
 class Pipeline:

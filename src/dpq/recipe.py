@@ -42,10 +42,13 @@ class DataSettings:
     labels: typing.Optional[list] = opt(None,
                                         "class names in label-id order (default: sorted labels of the train split)")
     skip_bad_rows: bool = opt(False, "skip malformed rows (with a count) instead of refusing the file")
-    validation_fraction: float = opt(0.05, "share of train held out to choose checkpoints on, so dev is only "
+    validation_fraction: float = opt(0.1, "share of train set aside to choose checkpoints on, so dev is only "
                                      "reported (0: choose on dev)", min=0, lt=0.5)
     validation_max_samples: int = opt(2000, "at most this many held-out examples", min=1)
     validation_seed: int = opt(0, "seed of the held-out draw (fixed across stages and runs)")
+    validation_unit: str = opt("sentence", "what is held out: sentence (rows no other row contains, each with every "
+                               "row that is a word span of it, so no phrase of a held-out sentence trains) or row",
+                               choices=("sentence", "row"))
 
 
 @dataclass
