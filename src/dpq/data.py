@@ -111,8 +111,8 @@ class TextData:
         ``unit`` "row": any ``fraction`` of the rows (at most ``max_samples``). "sentence": whole sentences, the rows
         that no other row contains, each taken out of train with every row that is a word span of it, until
         ``fraction`` of the rows are out or ``max_samples`` sentences are held out. SST-2's training rows are the
-        phrases of its sentences' parse trees: a held-out phrase whose sentence (or sub-phrase) trains is scored from
-        memory (measured: 0.948 on such rows, 0.878 on rows with no trained phrase, 0.889 on dev)."""
+        phrases of its sentences' parse trees: a randomly held-out phrase is one whose sentence trains, and students
+        matched their teacher on such rows while trailing it by 1.5-3.3 pt on dev (BENCHMARKS.md, issue 13)."""
         train = self.splits.get("train")
         budget = int(len(train) * fraction) if train is not None and fraction > 0 else 0
         if budget == 0:
