@@ -59,11 +59,12 @@ class Split:
 SPAN_BUDGET = 20_000_000  # word spans enumerated to find phrase families; long-form text falls back to rows
 
 
-def sentence_families(texts: Sequence[str], budget: int, max_samples: int, seed: int) -> tuple[set[int], set[int]]:
+def sentence_families(texts: Sequence[str], budget: int, max_samples: int,
+                      seed: int) -> tuple[set[int], set[int]] | None:
     """(held-out rows, rows dropped from train): whole sentences drawn in seeded order, each with its family (every
     row that is a word span of it, duplicates included), until ``budget`` rows are taken or ``max_samples``
-    sentences are held out. A sentence is a row that is no word span of another row. Rows whose spans would be too
-    many to enumerate (long-form text, where rows are not phrases of each other) are drawn as plain rows."""
+    sentences are held out. A sentence is a row that is no word span of another row. None where the spans would be
+    too many to enumerate (long-form text, where rows are not phrases of each other): draw plain rows there."""
     norm = [" ".join(t.split()) for t in texts]
     rows: dict[str, list[int]] = {}
     for i, t in enumerate(norm):
@@ -71,7 +72,7 @@ def sentence_families(texts: Sequence[str], budget: int, max_samples: int, seed:
     n_words = {t: len(t.split()) for t in rows}
     if sum(n * (n + 1) // 2 for n in n_words.values()) > SPAN_BUDGET:
         log.info("validation_unit sentence: rows too long to find phrase families; holding out rows")
-        return set(random.Random(seed).sample(range(len(texts)), min(budget, max_samples))), set()
+        return None
 
     def spans(t: str) -> set[str]:
         w = t.split()
@@ -117,10 +118,11 @@ class TextData:
         budget = int(len(train) * fraction) if train is not None and fraction > 0 else 0
         if budget == 0:
             return self
-        if unit == "sentence":
-            picked, dropped = sentence_families(train.texts, budget, max_samples, seed)
-        else:
-            picked, dropped = set(random.Random(seed).sample(range(len(train)), min(budget, max_samples))), set()
+        families = sentence_families(train.texts, budget, max_samples, seed) if unit == "sentence" else None
+        if families is None:
+            unit = "row"
+            families = set(random.Random(seed).sample(range(len(train)), min(budget, max_samples))), set()
+        picked, dropped = families
         if not picked:
             return self
         keep = [i for i in range(len(train)) if i not in picked and i not in dropped]
