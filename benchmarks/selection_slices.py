@@ -24,10 +24,8 @@ import torch
 import yaml
 
 from dpq import models
-from dpq.data import Split, encode_split, load_data
-from dpq.measure import accuracy_and_loss, predict_logits
-from dpq.onnx import runtime
-from dpq.stages import pad_ids
+from dpq.data import Split, load_data, sentence_families
+from dpq.stages import split_accuracies
 
 STUDENT_STAGES = ("baseline", "distill", "prune", "quantize")
 MAX_WORDS = 50  # longer rows share one length bin
@@ -44,7 +42,7 @@ def _words(text: str) -> int:
     return min(max(len(text.split()), 1), MAX_WORDS)
 
 
-def slices(run: Path, data_path: str, n: int, seed: int) -> tuple[dict[str, Split], int]:
+def slices(run: Path, data_path: str, n: int, seed: int) -> tuple[dict[str, Split], dict]:
     r = yaml.safe_load((run / "recipe.yaml").read_text())
     d = r["data"]
     data = load_data(data_path).hold_out(d["validation_fraction"], d["validation_max_samples"], d["validation_seed"],
@@ -64,7 +62,8 @@ def slices(run: Path, data_path: str, n: int, seed: int) -> tuple[dict[str, Spli
         raise SystemExit(f"{run}: only {len(pool)} training rows unseen by the run; need {2 * n}")
     rng = random.Random(seed)
     uniform = rng.sample(pool, n)
-    rest = [i for i in pool if i not in set(uniform)]
+    drawn = set(uniform)
+    rest = [i for i in pool if i not in drawn]
     dev_hist = Counter(_words(t) for t in data.split("dev").texts)
     pool_hist = Counter(_words(train.texts[i]) for i in rest)
     weight = {b: dev_hist[b] / len(data.split("dev")) / (pool_hist[b] / len(rest)) for b in pool_hist if dev_hist[b]}
@@ -79,7 +78,13 @@ def slices(run: Path, data_path: str, n: int, seed: int) -> tuple[dict[str, Spli
             "unseen-length-matched": take(matched, "unseen length-matched"),
             "matched, a trained phrase covers half": take([i for i in matched if covered[i]], "covered"),
             "matched, none does": take([i for i in matched if not covered[i]], "not covered"),
-            "dev": data.split("dev")}, len(pool)
+            "dev": data.split("dev")}, {
+        "unseen": len(pool),
+        "dev covered half by a trained phrase": sum(_trained_share(t, trained) >= 0.5 for t in data.split("dev").texts)
+        / len(data.split("dev")),
+        # the rows no other row contains, over the whole training file (held-out slice included)
+        "sentences in train": len((sentence_families(load_data(data_path).split("train").texts, 1 << 62, 1 << 62, 0)
+                                   or (set(), set()))[0])}
 
 
 def _trained_share(text: str, trained: set[str]) -> float:
@@ -93,22 +98,6 @@ def _trained_share(text: str, trained: set[str]) -> float:
 def model_dirs(run: Path) -> list[Path]:
     return sorted(p for p in run.iterdir() if p.is_dir() and (p / "config.json").is_file()
                   and ((p / "model.onnx").is_file() or any((p / w).is_file() for w in models.WEIGHT_FILES)))
-
-
-def accuracies(d: Path, splits: dict[str, Split]) -> dict[str, float]:
-    if runtime.is_onnx_folder(d):
-        session, config, tok, _ = runtime.load_onnx_folder(d, threads=torch.get_num_threads())
-        logits_of = lambda enc: runtime.ort_predict_logits(session, enc, pad_ids(tok), batch_size=1)
-    else:
-        model, tok = models.load_model(d)
-        config = model.config
-        logits_of = lambda enc: predict_logits(model, enc, pad_ids(tok))
-    length = min(512, getattr(config, "max_position_embeddings", 512))
-    out = {}
-    for name, split in splits.items():
-        enc = encode_split(split, tok, length)
-        out[name] = accuracy_and_loss(logits_of(enc), enc.labels)["accuracy"]
-    return out
 
 
 def kendall_tau_b(x: list[float], y: list[float]) -> float:
@@ -139,14 +128,16 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     for run in a.runs:
-        splits, unseen = slices(run, a.data, a.n, a.seed)
+        splits, notes = slices(run, a.data, a.n, a.seed)
         lengths = {k: sum(len(t.split()) for t in s.texts) / len(s) for k, s in splits.items()}
-        print(f"\n## {run} ({unseen} training rows unseen by the run)")
+        print(f"\n## {run} ({notes['unseen']} training rows unseen by the run; {notes['sentences in train']} "
+              f"sentences in the training file; {100 * notes['dev covered half by a trained phrase']:.1f} % of dev "
+              "half covered by a phrase the run trained on)")
         print("| model | " + " | ".join(f"{k} ({len(splits[k])}, {lengths[k]:.1f} words)" for k in splits) + " |")
         print("| --- |" + " ---: |" * len(splits))
         rows = {}
         for d in model_dirs(run):
-            rows[d.name] = accuracies(d, splits)
+            rows[d.name] = split_accuracies(d, splits)
             print(f"| {d.name} | " + " | ".join(f"{rows[d.name][k]:.4f}" for k in splits) + " |", flush=True)
         dev = [r["dev"] for r in rows.values()]
         for k in splits:

@@ -69,8 +69,7 @@ def sentence_families(texts: Sequence[str], budget: int, max_samples: int,
     rows: dict[str, list[int]] = {}
     for i, t in enumerate(norm):
         rows.setdefault(t, []).append(i)
-    n_words = {t: len(t.split()) for t in rows}
-    if sum(n * (n + 1) // 2 for n in n_words.values()) > SPAN_BUDGET:
+    if sum(n * (n + 1) // 2 for n in (len(t.split()) for t in rows)) > SPAN_BUDGET:
         log.info("validation_unit sentence: rows too long to find phrase families; holding out rows")
         return None
 

@@ -340,23 +340,57 @@ def _artifact(d: Path) -> str | None:
     return manifest.get("settings_hash") if manifest else None
 
 
+def _encoded(split, tok, config):
+    return encode_split(split, tok, min(512, getattr(config, "max_position_embeddings", 512)))
+
+
 def _measured(logits_of, split, held_out, tok, config) -> tuple:
     """(the encoded evaluation split, its accuracy and loss, plus ``heldout_accuracy`` when there is a held-out
     slice): one path for PyTorch and ONNX models, whatever computes their logits."""
-    length = min(512, getattr(config, "max_position_embeddings", 512))
-    ds = encode_split(split, tok, length)
+    ds = _encoded(split, tok, config)
     m = measure.accuracy_and_loss(logits_of(ds), ds.labels)
     if held_out is not None:
-        ho = encode_split(held_out, tok, length)
+        ho = _encoded(held_out, tok, config)
         m["heldout_accuracy"] = measure.accuracy_and_loss(logits_of(ho), ho.labels)["accuracy"]
     return ds, m
+
+
+def _torch_logits(model, tok):
+    return lambda enc: measure.predict_logits(model, enc, pad_ids(tok))
+
+
+def _onnx_logits(d: Path, session, config, tok):
+    """One sentence per call: see ``_evaluate_onnx``."""
+    def logits_of(enc):
+        logits = runtime.ort_predict_logits(session, enc, pad_ids(tok), batch_size=1)
+        if logits.shape[-1] != config.num_labels:
+            raise DpqError(f"{d / 'model.onnx'}: gives {logits.shape[-1]} classes, "
+                           f"its config.json says {config.num_labels}")
+        return logits
+
+    return logits_of
+
+
+def split_accuracies(d: Path, splits: dict) -> dict[str, float]:
+    """A model folder's accuracy on each named split, computed as the evaluation computes it, loading it once."""
+    if runtime.is_onnx_folder(d):
+        session, config, tok, _ = runtime.load_onnx_folder(d, threads=torch.get_num_threads())
+        logits_of = _onnx_logits(d, session, config, tok)
+    else:
+        model, tok = models.load_model(d)
+        config = model.to(devices.device()).config
+        logits_of = _torch_logits(model, tok)
+    out = {}
+    for name, split in splits.items():
+        enc = _encoded(split, tok, config)
+        out[name] = measure.accuracy_and_loss(logits_of(enc), enc.labels)["accuracy"]
+    return out
 
 
 def _evaluate_torch(d: Path, split, settings: EvaluateSettings, held_out=None) -> tuple[dict, dict]:
     model, tok = models.load_model(d)
     model.to(devices.device())
-    ds, m = _measured(lambda enc: measure.predict_logits(model, enc, pad_ids(tok)), split, held_out, tok,
-                      model.config)
+    ds, m = _measured(_torch_logits(model, tok), split, held_out, tok, model.config)
     model.to("cpu")  # latency describes CPU serving, the deployment target, wherever the run trained
     seq = max(1, round(ds.mean_length()))
     quant = getattr(model.config, "dpq_quant", None)
@@ -378,15 +412,7 @@ def _evaluate_onnx(d: Path, split, settings: EvaluateSettings, held_out=None) ->
     1 / 8 / 32). Batch 1 is what a request served alone gets, and it does not depend on how dev is batched."""
     session, config, tok, info = runtime.load_onnx_folder(d, threads=torch.get_num_threads())
     skeleton = models.build_classifier(config).eval()  # parameter and FLOP counts of the same structure
-
-    def logits_of(enc):
-        logits = runtime.ort_predict_logits(session, enc, pad_ids(tok), batch_size=1)
-        if logits.shape[-1] != config.num_labels:
-            raise DpqError(f"{d / 'model.onnx'}: gives {logits.shape[-1]} classes, "
-                           f"its config.json says {config.num_labels}")
-        return logits
-
-    ds, m = _measured(logits_of, split, held_out, tok, config)
+    ds, m = _measured(_onnx_logits(d, session, config, tok), split, held_out, tok, config)
     seq = max(1, round(ds.mean_length()))
     row = {"model": str(d), "name": d.name, "artifact": _artifact(d), "runtime": info.get("runtime", "onnx"),
            "split": settings.split, "examples": len(ds), **m, "params": models.param_count(skeleton),
