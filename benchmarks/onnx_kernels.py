@@ -24,7 +24,7 @@ from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
 
 from dpq import measure, models
-from dpq.data import encode_split, load_data
+from dpq.data import encode_split, load_data, pad_ids
 from dpq.onnx import export, int4, int8, runtime
 from dpq.onnx.int4_int8 import int4_int8_kernels_onnx
 from dpq.quant import packed
@@ -79,7 +79,7 @@ def main() -> None:
     fns, acc = [], {}
     for name, (f, off) in runs.items():
         s = runtime.ort_session(f, threads=torch.get_num_threads(), disabled_optimizers=off)
-        logits = runtime.ort_predict_logits(s, ds, {"input_ids": tok.pad_token_id or 0})
+        logits = runtime.ort_predict_logits(s, ds, pad_ids(tok))
         acc[name] = (logits.argmax(-1) == torch.tensor(ds.labels)).float().mean().item()
         t = {}
         for bs in (1, 32):

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from dpq import load_model, measure
-from dpq.data import encode_split, load_data
+from dpq.data import encode_split, load_data, pad_ids
 from dpq.onnx import export, runtime
 from dpq.pipeline import run_stage
 from dpq.recipe import DataSettings, PruneSettings
 from dpq.registry import stage_key
-from dpq.stages import pad_ids, prune_stage
+from dpq.stages import prune_stage
 
 CONFIGS = {  # name: (heads, ffn, importance, allocation)
     "h30-f30": (0.3, 0.3, "combined", "uniform"),

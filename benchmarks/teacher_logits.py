@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from dpq import measure, models
-from dpq.data import encode_split, load_data
+from dpq.data import encode_split, load_data, pad_ids
 from dpq.onnx import export, int8, runtime
-from dpq.stages import pad_ids
 
 
 def main() -> None:

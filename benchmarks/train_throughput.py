@@ -8,6 +8,11 @@ hidden-state KD, which runs a teacher forward every step) on the first ``steps Ã
 through ``dpq.train.train`` with the stage's own loss, in a scratch folder. The first ``warmup`` steps are not
 timed (CUDA context, allocator, kernel autotuning). Prints steps/s and samples/s per stage with the device and
 thread count; the GPU table in BENCHMARKS.md (issue 11) comes from this script.
+
+``--ops N`` also counts, over N steps after the timed ones, the PyTorch operators one step of the loop dispatches
+(torch.profiler, CPU activity): top-level calls, and the innermost ones that each launch a kernel on a GPU. An
+eager step pays the host's dispatch and launch cost once per operator whatever the batch size, so this count bounds
+how many steps per second a host can issue.
 """
 
 from __future__ import annotations
@@ -22,9 +27,8 @@ import torch
 from torch import nn
 
 from dpq import devices, measure, models
-from dpq.data import encode_split, load_data
+from dpq.data import encode_split, load_data, pad_ids
 from dpq.distill import KDConfig, KDLoss
-from dpq.stages import pad_ids
 from dpq.train import Hook, TrainConfig, train
 
 TEACHER = "sentence-transformers/all-mpnet-base-v2"
@@ -58,6 +62,14 @@ def _stage(name: str, data, n: int):
     return nn.ModuleDict({"student": student, "kd": kd}), loss_fn, ds, pad_ids(s_tok, t_tok)
 
 
+def operators(prof, steps: int) -> tuple[float, float]:
+    """(top-level, innermost) aten operators per step: calls no other aten call encloses, and calls that make none."""
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = sum(1 for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    leaf = sum(1 for e in aten if not any(c.name.startswith("aten::") for c in e.cpu_children))
+    return top / steps, leaf / steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -66,6 +78,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--stages", nargs="+", default=["teacher", "baseline", "distill-hidden"])
+    ap.add_argument("--ops", type=int, default=0, help="count the operators of N steps after the timed ones")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import transformers
@@ -76,11 +89,13 @@ def main() -> None:
     dev = devices.device()
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{where}; batch {args.batch_size}; {args.steps} steps timed after {args.warmup}\n")
-    print("| stage | steps/s | samples/s | seconds |")
-    print("| --- | ---: | ---: | ---: |")
+    ops_cols = " operators per step (top-level / innermost) |" if args.ops else ""
+    print("| stage | steps/s | samples/s | seconds |" + ops_cols)
+    print("| --- | ---: | ---: | ---: |" + (" ---: |" if args.ops else ""))
     for name in args.stages:
-        trainables, loss_fn, ds, pads = _stage(name, data, (args.steps + args.warmup) * args.batch_size)
+        trainables, loss_fn, ds, pads = _stage(name, data, (args.steps + args.warmup + args.ops) * args.batch_size)
         marks = {}
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.ops else None
 
         class Clock(Hook):
             def after_step(self, step: int) -> None:
@@ -88,13 +103,19 @@ def main() -> None:
                     if dev.type == "cuda":
                         torch.cuda.synchronize()
                     marks[step] = time.perf_counter()
+                # counted after the timed steps, so the profiler's own cost never enters the timing
+                if prof is not None and step == args.warmup + args.steps:
+                    prof.start()
+                if prof is not None and step == args.warmup + args.steps + args.ops:
+                    prof.stop()
 
         with tempfile.TemporaryDirectory() as work:
             cfg = TrainConfig(epochs=1, lr=2e-5, batch_size=args.batch_size, checkpoint_every=10**9,
                               checkpoint_minutes=10**6, log_every=50)
             train(trainables, loss_fn, ds, pads, cfg, Path(work), hooks=[Clock()], desc=name)
         secs = marks[args.warmup + args.steps] - marks[args.warmup]
-        print(f"| {name} | {args.steps / secs:.1f} | {args.steps * args.batch_size / secs:.0f} | {secs:.1f} |",
+        ops = " {:.0f} / {:.0f} |".format(*operators(prof, args.ops)) if prof is not None else ""
+        print(f"| {name} | {args.steps / secs:.1f} | {args.steps * args.batch_size / secs:.0f} | {secs:.1f} |{ops}",
               flush=True)
         del trainables
         if dev.type == "cuda":

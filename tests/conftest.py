@@ -16,6 +16,17 @@ SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module (the folder is no package): its functions are tested like dpq's."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _read_rows(path: Path, n: int) -> list[str]:
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()

@@ -1,25 +1,20 @@
 """benchmarks/device_models.py: models packed into fp16 parts come back as fp32 where dpq resolves them."""
 
-import importlib.util
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 from safetensors.torch import load_file
 
 from dpq import models
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def device_models():
-    spec = importlib.util.spec_from_file_location("device_models", ROOT / "benchmarks" / "device_models.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("device_models")
 
 
 def test_pack_and_unpack_restore_both_models_where_dpq_finds_them(device_models, tiny_models, tmp_path, monkeypatch):

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import _vocab, make_tiny
+from conftest import _vocab, load_benchmark, make_tiny
 
 from dpq import load, models
 from dpq.cli import main as dpq_main
 from dpq.data import Split
 from dpq.errors import DpqError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "out_of_domain.py"
-
 
 @pytest.fixture(scope="module")
 def ood():
-    spec = importlib.util.spec_from_file_location("out_of_domain", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("out_of_domain")
 
 
 def _vader_file(path: Path, rows: list[tuple[str, float, str]]) -> Path:

@@ -8,10 +8,9 @@ import torch
 
 from dpq import load_model, measure
 from dpq.cli import main
-from dpq.data import encode_split, load_data
+from dpq.data import encode_split, load_data, pad_ids
 from dpq.onnx import runtime
 from dpq.quant.packed import FILE
-from dpq.stages import pad_ids
 
 FAST = ["--epochs", "1", "--max-train-samples", "48", "--batch-size", "16", "--max-length", "48"]
 

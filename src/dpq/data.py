@@ -427,6 +427,19 @@ def encode_split(split: Split, tokenizer, max_length: int, teacher_tokenizer=Non
     return EncodedSplit(ids, list(split.labels), extra)
 
 
+def pad_id(tokenizer) -> int:
+    """The id padded positions carry: the tokenizer's pad token, else 0 (the mask hides them either way)."""
+    return 0 if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
+def pad_ids(tokenizer, teacher_tokenizer=None) -> dict[str, int]:
+    """Pad ids of a batch's id columns: the student's, and the teacher's where the batch carries its inputs too."""
+    ids = {"input_ids": pad_id(tokenizer)}
+    if teacher_tokenizer is not None:
+        ids["teacher_input_ids"] = pad_id(teacher_tokenizer)
+    return ids
+
+
 class Collator:
     """Pads every ``*input_ids`` field to the longest in the batch and adds its attention mask."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .data import Collator, truncate_ids
+from .data import Collator, pad_ids, truncate_ids
 from .errors import DpqError
 from .onnx import runtime
 
@@ -47,7 +47,7 @@ class Predictor:
             self.runtime = f"torch-dequantized-int{quant['bits']}" if quant else "torch-fp32"
         self.max_length = min(512, getattr(self.config, "max_position_embeddings", 512))
         self.labels = [str(self.config.id2label[i]) for i in range(self.config.num_labels)]
-        self._collate = Collator({"input_ids": self.tokenizer.pad_token_id or 0})
+        self._collate = Collator(pad_ids(self.tokenizer))
 
     def _check(self, texts) -> list[str]:
         if isinstance(texts, str):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import artifacts, cards, devices, measure, models, prune
-from .data import TextData, encode_split
+from .data import TextData, encode_split, pad_ids
 from .distill import KDConfig, KDLoss, make_weighting
 from .errors import DpqError
 from .onnx import runtime
@@ -69,13 +69,6 @@ def check_space(out: Path, model: nn.Module, copies: int = 6) -> None:
     if free < need:
         raise DpqError(f"{parent}: {free / 1e6:.0f} MB free, this stage needs about {need / 1e6:.0f} MB "
                        "(checkpoints and the artifact); free space or choose another --out")
-
-
-def pad_ids(tokenizer, teacher_tokenizer=None) -> dict[str, int]:
-    ids = {"input_ids": tokenizer.pad_token_id or 0}
-    if teacher_tokenizer is not None:
-        ids["teacher_input_ids"] = teacher_tokenizer.pad_token_id or 0
-    return ids
 
 
 def _seal(model, tokenizer, out: Path, work: Path, *, kind: str, settings: dict, metrics: dict) -> Path:

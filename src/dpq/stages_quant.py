@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import artifacts, cards, devices, hf, measure, models, transforms
-from .data import TextData, encode_split
+from .data import TextData, encode_split, pad_ids
 from .errors import DpqError
 from .onnx import export, int4, int8, runtime
 from .quant import methods, packed
@@ -25,7 +25,7 @@ from .quant.ptq import QuantConfig, calibration_batches, quantize_model
 from .quant.qat import QATConfig, convert_qat, prepare_qat
 from .quant.vocab import trim_vocab, used_token_ids
 from .recipe import ExportSettings, QuantizeSettings
-from .stages import _kd_config, _state_cloner, check_writable, kd_session, pad_ids, require_model, work_dir_for
+from .stages import _kd_config, _state_cloner, check_writable, kd_session, require_model, work_dir_for
 from .train import Hook, TrainConfig, train
 
 log = logging.getLogger("dpq")

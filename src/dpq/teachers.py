@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import artifacts, devices, measure, models
-from .data import EncodedSplit, tokenize
+from .data import EncodedSplit, pad_id, tokenize
 from .distill import ensemble_logits
 from .errors import DpqError
 from .onnx.runtime import is_onnx_folder
@@ -177,7 +177,7 @@ def extra_teacher_logits(folder: Path, train_split, max_length: int, label_names
     ids, _ = tokenize(tok, train_split.texts, max_length)
     own = EncodedSplit(ids, list(train_split.labels), {"teacher_input_ids": ids})
     return cached_teacher_logits(model.eval().requires_grad_(False), Path(folder), own, train_split.fingerprint(),
-                                 {"teacher_input_ids": tok.pad_token_id or 0}, max_length, runtime=runtime)
+                                 {"teacher_input_ids": pad_id(tok)}, max_length, runtime=runtime)
 
 
 class Targets:
