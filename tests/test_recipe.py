@@ -23,6 +23,17 @@ def test_shipped_recipes_load(name, profile):
         assert r.teacher.max_train_samples and r.teacher.epochs == 1
 
 
+@pytest.mark.parametrize("name", ["sst2.yaml", "sst2-bert.yaml", "own-data.yaml"])
+def test_every_profile_of_a_shipped_recipe_loads_and_checks(name):
+    import yaml
+
+    profiles = yaml.safe_load((REPO / "recipes" / name).read_text()).get("profiles") or {}
+    for profile in profiles:
+        assert load_recipe(REPO / "recipes" / name, profile).distill.student
+    if name == "sst2.yaml":
+        assert {"fast", "gpu", "full"} <= set(profiles)
+
+
 def test_profile_overrides_and_yaml_exponent_strings(tmp_path):
     p = write(tmp_path, "teacher: {lr: 2e-5, epochs: 3}\nprofiles:\n  fast: {teacher: {epochs: 1}}\n")
     r = load_recipe(p, "fast")
