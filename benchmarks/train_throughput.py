@@ -10,9 +10,9 @@ timed (CUDA context, allocator, kernel autotuning). Prints steps/s and samples/s
 thread count; the GPU table in BENCHMARKS.md (issue 11) comes from this script.
 
 ``--ops N`` also counts, over N steps after the timed ones, the PyTorch operators one step of the loop dispatches
-(torch.profiler, CPU activity): top-level calls, and the innermost ones that each launch a kernel on a GPU. An
-eager step pays the host's dispatch and launch cost once per operator whatever the batch size, so this count bounds
-how many steps per second a host can issue.
+(torch.profiler, CPU activity): top-level calls, and the innermost ones (on a GPU most of these launch a kernel;
+views launch none). An eager step pays the host's dispatch and launch cost once per operator whatever the batch
+size, so this count bounds how many steps per second a host can issue.
 """
 
 from __future__ import annotations
