@@ -46,11 +46,16 @@ def test_head_reads_the_masked_mean_and_ignores_padding(mean_pooling, tiny_model
 
 
 def test_only_models_whose_id_matches_are_patched(mean_pooling, tiny_models, monkeypatch):
+    ids = torch.tensor([[2, 7, 9, 3]])
+    with torch.no_grad():
+        before = {k: models.load_classifier(str(f))[0].eval()(input_ids=ids).logits for k, f in tiny_models.items()}
     monkeypatch.setattr(models, "load_classifier", models.load_classifier)  # undone after the test
     mean_pooling.patch("student")
-    ids = torch.tensor([[2, 7, 9, 3]])
     student, _ = models.load_classifier(str(tiny_models["student"]))
     teacher, _ = models.load_classifier(str(tiny_models["teacher"]))
+    with torch.no_grad():  # what the patch changes is what the model computes, not only which function it calls
+        assert not torch.allclose(student.eval()(input_ids=ids).logits, before["student"], atol=1e-4)
+        assert torch.equal(teacher.eval()(input_ids=ids).logits, before["teacher"])
     assert student.bert.pooler.forward.__name__ == "<lambda>"
     assert teacher.bert.pooler.forward.__name__ == "forward"
     with torch.no_grad():
