@@ -30,7 +30,7 @@ def test_weights_size_counts_weight_files_only(tmp_path):
 
 def test_latency_is_median_of_repeats(monkeypatch):
     """A fake clock that each call advances by a known time: the median is known, and differs from the mean
-    and the minimum; warm-up calls (0.5 s here) are not counted."""
+    and the minimum; warm-up calls and each block's first call (0.5 s here) are not counted."""
     clock = [0.0]
     monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
 
@@ -38,9 +38,10 @@ def test_latency_is_median_of_repeats(monkeypatch):
         it = iter(seconds)
         return lambda: clock.__setitem__(0, clock[0] + next(it))
 
-    a = model([0.5, 0.001, 0.009, 0.002, 0.100, 0.003, 0.004])  # timed: 1 9 2 100 3 4 ms, median 3.5
-    b = model([0.5, 0.005, 0.005, 1.000, 0.005, 0.006, 0.004])  # timed: 5 5 1000 5 6 4 ms, median 5
-    out = measure.interleaved_latency_ms([{"ms": a}, {"ms": b}], rounds=3, repeats=2, warmup=1)
+    w = 0.5
+    a = model([w, w, 0.001, 0.009, w, 0.002, 0.100, w, 0.003, 0.004])  # timed: 1 9 2 100 3 4 ms, median 3.5
+    b = model([w, w, 0.005, 0.005, w, 1.000, 0.005, w, 0.006, 0.004])  # timed: 5 5 1000 5 6 4 ms, median 5
+    out = measure.interleaved_latency_ms([{"ms": a}, {"ms": b}], rounds=3, repeats=2, warmup=1, settle_s=0)
     assert out == [{"ms": pytest.approx(3.5)}, {"ms": pytest.approx(5.0)}]
 
 
@@ -71,7 +72,16 @@ def test_evaluate_model_accuracy():
 def test_interleaved_latency_times_every_model_every_round():
     order = []
     fns = [{"a": lambda: order.append("m0")}, {"a": lambda: order.append("m1"), "b": lambda: order.append("m1b")}]
-    out = measure.interleaved_latency_ms(fns, rounds=3, repeats=2, warmup=1)
+    out = measure.interleaved_latency_ms(fns, rounds=3, repeats=2, warmup=1, settle_s=0)
     assert [set(o) for o in out] == [{"a"}, {"a", "b"}]
-    timed = order[3:]  # after one warm-up call each
-    assert timed == ["m0", "m0", "m1", "m1", "m1b", "m1b"] * 3
+    timed = order[3:]  # after one warm-up call each; each block opens with one untimed call
+    assert timed == (["m0"] * 3 + ["m1"] * 3 + ["m1b"] * 3) * 3
+
+
+def test_interleaved_latency_lets_the_previous_model_settle(monkeypatch):
+    """Each block opens with the pause (the last model's runtime threads park) and an untimed call."""
+    order = []
+    monkeypatch.setattr(measure.time, "sleep", lambda s: order.append(f"sleep {s}"))
+    fns = [{"a": lambda: order.append("m0")}, {"a": lambda: order.append("m1")}]
+    measure.interleaved_latency_ms(fns, rounds=2, repeats=1, warmup=0, settle_s=0.05)
+    assert order == ["sleep 0.05", "m0", "m0", "sleep 0.05", "m1", "m1"] * 2

@@ -87,11 +87,15 @@ def gflops_per_example(model, seq_len: int) -> float:
 
 
 @torch.no_grad()
-def interleaved_latency_ms(fns: list[dict], *, rounds: int = 6, repeats: int = 5, warmup: int = 3) -> list[dict]:
+def interleaved_latency_ms(fns: list[dict], *, rounds: int = 6, repeats: int = 5, warmup: int = 3,
+                           settle_s: float = 0.05) -> list[dict]:
     """Median ms of each callable in ``fns`` (one dict of named callables per model), timed round-robin.
 
     Every model is timed in every round, so a change in machine load during the run hits all models alike:
-    the ratios stay fair on a shared, noisy machine.
+    the ratios stay fair on a shared, noisy machine. Each block of timed calls starts after a ``settle_s`` pause
+    and one untimed call: a runtime's worker threads spin-wait for more work after a call (ONNX Runtime's and
+    OpenMP's, by default), so a model timed right after another one shared the cores with its threads. Without
+    the pause one int8 file read 1.9 or 6.5 ms at batch 1 by its place in the order (BENCHMARKS.md, issue 13).
     """
     for f in fns:
         for fn in f.values():
@@ -101,6 +105,9 @@ def interleaved_latency_ms(fns: list[dict], *, rounds: int = 6, repeats: int = 5
     for _ in range(rounds):
         for f, smp in zip(fns, samples):
             for key, fn in f.items():
+                if settle_s:
+                    time.sleep(settle_s)
+                fn()
                 for _ in range(repeats):
                     t = time.perf_counter()
                     fn()
