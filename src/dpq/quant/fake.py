@@ -253,10 +253,12 @@ class QATEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.remap is not None:
             ids = self.remap[ids].long()
-        # only the looked-up rows are quantized: the full table would cost a vocabulary-sized op per step
+        # only the looked-up rows are quantized: the full table would cost a vocabulary-sized op per step.
+        # index_select, not weight[flat]: on the CPU the backward of advanced indexing adds the rows of repeated ids
+        # in a thread-dependent order, so two QAT runs with one seed ended apart (BENCHMARKS.md, issue 13)
         flat = ids.reshape(-1)
-        rows = lsq_fake_quant(self.weight[flat], fp16_step_ste(self.step.clamp_min(1e-8))[flat], self.bits,
-                              self.group_size)
+        step = fp16_step_ste(self.step.clamp_min(1e-8)).index_select(0, flat)
+        rows = lsq_fake_quant(self.weight.index_select(0, flat), step, self.bits, self.group_size)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     def to_qtensor(self) -> QTensor:
