@@ -87,7 +87,6 @@ def test_qat_embedding_quantizes_looked_up_rows():
     assert torch.allclose(emb(ids), ref, rtol=2e-3, atol=1e-6)  # stored scales are fp16-rounded steps
 
 
-
 def test_qat_embedding_gradients_are_the_same_every_time():
     """Frequent tokens repeat within a batch: their rows' gradients must add up in a fixed order, or one seed gives
     a different model each run (advanced indexing's CPU backward did not: QAT codes of two runs differed)."""
@@ -105,6 +104,7 @@ def test_qat_embedding_gradients_are_the_same_every_time():
     for _ in range(10):
         w, s = grads()
         assert torch.equal(w, w0) and torch.equal(s, s0)
+
 
 def test_gor_parameters_get_gradients_and_weights_stay_positive():
     gor = GoRWeighting()

@@ -86,16 +86,20 @@ def gflops_per_example(model, seq_len: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
+# seconds every model's block of timed calls waits first, so the threads of the model timed before it park
+SETTLE_S = 0.05
+
+
 @torch.no_grad()
 def interleaved_latency_ms(fns: list[dict], *, rounds: int = 6, repeats: int = 5, warmup: int = 3,
-                           settle_s: float = 0.05) -> list[dict]:
+                           settle_s: float = SETTLE_S) -> list[dict]:
     """Median ms of each callable in ``fns`` (one dict of named callables per model), timed round-robin.
 
     Every model is timed in every round, so a change in machine load during the run hits all models alike:
     the ratios stay fair on a shared, noisy machine. Each block of timed calls starts after a ``settle_s`` pause
     and one untimed call: a runtime's worker threads spin-wait for more work after a call (ONNX Runtime's and
     OpenMP's, by default), so a model timed right after another one shared the cores with its threads. Without
-    the pause one int8 file read 1.9 or 6.5 ms at batch 1 by its place in the order (BENCHMARKS.md, issue 13).
+    the pause one int4 file's batch-1 median read 2.4 to 6.5 ms from trial to trial (BENCHMARKS.md, issue 13).
     """
     for f in fns:
         for fn in f.values():

@@ -78,13 +78,15 @@ def session_variants(path: Path) -> list[tuple[str, ...]]:
 
 
 def pick_fastest(candidates: dict[str, tuple[Path, tuple[str, ...]]], *, seq: int = 32,
-                 batches: tuple[int, ...] = (1, 32)) -> tuple[str, dict[str, dict[str, float]]]:
+                 batches: tuple[int, ...] = (1, 32), settle_s: float | None = None,
+                 ) -> tuple[str, dict[str, dict[str, float]]]:
     """The (file, disabled ORT optimizers) candidate that runs fastest here: median ms at each batch x seq
     (interleaved, so load hits all alike), ranked by the geometric mean over the batch sizes.
 
     Which int4 kernel wins depends on the CPU (ORT #23004): MatMulNBits level 4 quantizes activations to int8
     inside the kernel, level 0 dequantizes the weights to fp32, and the int8-kernel file runs
-    DynamicQuantizeMatMul/QAttention on codes expanded at load. Measured, not assumed.
+    DynamicQuantizeMatMul/QAttention on codes expanded at load. Measured, not assumed. ``settle_s``: the pause
+    before each block of timed calls (None: ``measure.SETTLE_S``; ``benchmarks/latency_settle.py`` sets 0).
     """
     from .. import measure
 
@@ -95,7 +97,8 @@ def pick_fastest(candidates: dict[str, tuple[Path, tuple[str, ...]]], *, seq: in
         ids = torch.randint(5, 100, (bs, seq))
         mask = torch.ones_like(ids)
         fns = [{"ms": (lambda s=s: ort_logits(s, ids, mask))} for s in sessions.values()]
-        rows = measure.interleaved_latency_ms(fns, rounds=4, repeats=3 if bs > 8 else 10, warmup=2)
+        rows = measure.interleaved_latency_ms(fns, rounds=4, repeats=3 if bs > 8 else 10, warmup=2,
+                                              settle_s=measure.SETTLE_S if settle_s is None else settle_s)
         for k, r in zip(sessions, rows):
             times[k][f"bs{bs}"] = round(r["ms"], 3)
     score = {k: float(np.mean(np.log(list(t.values())))) for k, t in times.items()}
