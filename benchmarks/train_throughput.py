@@ -9,6 +9,12 @@ through ``dpq.train.train`` with the stage's own loss, in a scratch folder. The 
 timed (CUDA context, allocator, kernel autotuning). Prints steps/s and samples/s per stage with the device and
 thread count; the GPU table in BENCHMARKS.md (issue 11) comes from this script.
 
+``--mixed-precision no bf16`` and ``--adamw fused per-tensor`` time every stage under each combination, in turn in one
+process (the loop's defaults: ``auto`` and fused; ``per-tensor`` is PyTorch's for-loop AdamW, the CPU default before):
+
+    python benchmarks/train_throughput.py --data ../shared/data/sst2 --steps 60 --warmup 10 \
+        --stages teacher baseline --mixed-precision no bf16 --adamw per-tensor fused
+
 ``--ops N`` also counts, over N steps after the timed ones, the PyTorch operators one step of the loop dispatches
 (torch.profiler, CPU activity): top-level calls, and the innermost ones (on a GPU most of these launch a kernel;
 views launch none). An eager step pays the host's dispatch and launch cost once per operator whatever the batch
@@ -18,6 +24,8 @@ size, so this count bounds how many steps per second a host can issue.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import logging
 import tempfile
 import time
@@ -79,6 +87,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--stages", nargs="+", default=["teacher", "baseline", "distill-hidden"])
     ap.add_argument("--ops", type=int, default=0, help="count the operators of N steps after the timed ones")
+    ap.add_argument("--mixed-precision", nargs="+", default=["auto"], choices=("auto", "no", "bf16"))
+    ap.add_argument("--adamw", nargs="+", default=["fused"], choices=("fused", "per-tensor"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import transformers
@@ -90,9 +100,12 @@ def main() -> None:
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{where}; batch {args.batch_size}; {args.steps} steps timed after {args.warmup}\n")
     ops_cols = " operators per step (top-level / innermost) |" if args.ops else ""
-    print("| stage | steps/s | samples/s | seconds |" + ops_cols)
-    print("| --- | ---: | ---: | ---: |" + (" ---: |" if args.ops else ""))
-    for name in args.stages:
+    print("| stage | mixed precision | AdamW | steps/s | samples/s | seconds |" + ops_cols)
+    print("| --- | --- | --- | ---: | ---: | ---: |" + (" ---: |" if args.ops else ""))
+    adamw = torch.optim.AdamW
+    for name, precision, opt in itertools.product(args.stages, args.mixed_precision, args.adamw):
+        # the loop asks for fused=True; per-tensor is what torch.optim.AdamW does on a CPU when not asked
+        torch.optim.AdamW = adamw if opt == "fused" else functools.partial(adamw, fused=None)
         trainables, loss_fn, ds, pads = _stage(name, data, (args.steps + args.warmup + args.ops) * args.batch_size)
         marks = {}
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.ops else None
@@ -111,15 +124,17 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as work:
             cfg = TrainConfig(epochs=1, lr=2e-5, batch_size=args.batch_size, checkpoint_every=10**9,
-                              checkpoint_minutes=10**6, log_every=50)
-            train(trainables, loss_fn, ds, pads, cfg, Path(work), hooks=[Clock()], desc=name)
+                              checkpoint_minutes=10**6, log_every=50, mixed_precision=precision)
+            result = train(trainables, loss_fn, ds, pads, cfg, Path(work), hooks=[Clock()], desc=name)
         secs = marks[args.warmup + args.steps] - marks[args.warmup]
         ops = " {:.0f} / {:.0f} |".format(*operators(prof, args.ops)) if prof is not None else ""
-        print(f"| {name} | {args.steps / secs:.1f} | {args.steps * args.batch_size / secs:.0f} | {secs:.1f} |{ops}",
+        print(f"| {name} | {result.mixed_precision} | {opt} "
+              f"| {args.steps / secs:.1f} | {args.steps * args.batch_size / secs:.0f} | {secs:.1f} |{ops}",
               flush=True)
         del trainables
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    torch.optim.AdamW = adamw
     print(f"\n{measure.hardware()}")
 
 

@@ -170,3 +170,53 @@ def test_the_gpu_loop_options_run_and_resume_on_the_cpu(setup, tmp_path, monkeyp
     train(model, ce_loss(model), ds, pads, cfg, tmp_path / "b")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("flags, want", [("fpu avx512f avx512_bf16 avx512_vnni", "bf16"),
+                                         ("fpu amx_bf16 amx_tile", "bf16"),
+                                         ("fpu avx512f avx512bw avx512_vnni", "no"),  # bf16 would be emulated: slower
+                                         (None, "no")])  # no /proc/cpuinfo (macOS, Windows): fp32
+def test_mixed_precision_auto_takes_bf16_only_where_the_cpu_runs_it(tmp_path, monkeypatch, flags, want):
+    from dpq import devices
+
+    info = tmp_path / "cpuinfo"
+    if flags is not None:
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(devices, "CPUINFO", info)
+    monkeypatch.setattr(devices, "use_cuda", lambda: False)
+    assert devices.mixed_precision("auto") == want
+    assert devices.mixed_precision("no") == "no" and devices.mixed_precision("bf16") == "bf16"
+    monkeypatch.setattr(devices, "use_cuda", lambda: True)
+    assert devices.mixed_precision("auto") == "bf16"
+    with pytest.raises(DpqError, match="mixed_precision must be auto, no or bf16"):
+        devices.mixed_precision("fp16")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_bf16_trains_under_autocast_with_fp32_weights_and_resumes(setup, tmp_path, precision):
+    seen = []
+
+    def loss_fn(model):
+        inner = ce_loss(model)
+
+        def f(batch):
+            head = model.classifier  # (Accelerate casts the model's outputs back to fp32: a layer shows autocast)
+            seen.append((torch.is_autocast_enabled("cpu"), head.weight.dtype, head(torch.ones(1, head.in_features)).dtype))
+            return inner(batch)
+        return f
+
+    cfg = TrainConfig(epochs=2, lr=1e-3, batch_size=32, checkpoint_every=3, seed=7, mixed_precision=precision)
+    model, ds, pads = setup()
+    result = train(model, loss_fn(model), ds, pads, cfg, tmp_path / "a")
+    bf16 = precision == "bf16"
+    assert result.mixed_precision == precision
+    assert set(seen) == {(bf16, torch.float32, torch.bfloat16 if bf16 else torch.float32)}
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    model, ds, pads = setup()
+    with pytest.raises(_StopForTest):
+        train(model, loss_fn(model), ds, pads, cfg, tmp_path / "b", hooks=[StopAt(8)])
+    model, ds, pads = setup()
+    train(model, loss_fn(model), ds, pads, cfg, tmp_path / "b")
+    for k, v in model.state_dict().items():  # the fused AdamW's moments come back from the checkpoint too
+        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from pathlib import Path
 
 import torch
 
 from .errors import DpqError
 
 CHOICES = ("auto", "cpu", "cuda")
+CPUINFO = Path("/proc/cpuinfo")
 _choice = "auto"
 
 
@@ -77,3 +80,20 @@ def quiet_other_processes() -> None:
     """One log and one progress bar per job, from the main process."""
     if not is_main():
         logging.getLogger("dpq").setLevel(logging.ERROR)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (Linux). Without them oneDNN emulates bf16 matmuls, slower than fp32."""
+    try:
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", CPUINFO.read_text()))
+    except OSError:
+        return False
+
+
+def mixed_precision(setting: str) -> str:
+    """Accelerate's ``mixed_precision`` for a training run: ``bf16`` or ``no``."""
+    if setting not in ("auto", "no", "bf16"):
+        raise DpqError(f"mixed_precision must be auto, no or bf16 (got {setting!r})")
+    if setting == "auto":
+        return "bf16" if use_cuda() or cpu_has_native_bf16() else "no"
+    return setting

@@ -129,7 +129,8 @@ def finetune_stage(settings: TrainSettings, model_id: str, data: TextData, out: 
                    fingerprint=fp, hooks=hooks, desc=kind)
     final = reported(result.best_metrics, measure.evaluate_model(model, dev_set, pads), data)
     metrics = dict(final, params=models.param_count(model), train_examples=len(train_set),
-                   train_steps=result.steps, train_seconds=result.seconds, history=result.history)
+                   train_steps=result.steps, train_seconds=result.seconds, history=result.history,
+                   mixed_precision=result.mixed_precision)
     _seal(model, tok, out, work, kind=kind, settings=stage_settings, metrics=metrics)
     _summary(kind, out, metrics)
     return out
@@ -260,6 +261,7 @@ def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, 
     metrics = dict(ses.report(result.best_metrics), params=models.param_count(student),
                    train_examples=len(ses.train_set),
                    train_steps=result.steps, train_seconds=result.seconds, history=result.history,
+                   mixed_precision=result.mixed_precision,
                    teacher=str(teacher_dir), **ses.teaching())
     _seal(student, ses.tokenizer, out, work, kind="distill", settings=stage_settings, metrics=metrics)
     _summary("distill", out, metrics)
@@ -317,6 +319,7 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
                    params_before=params_before,
                    heads_removed=removed_h, ffn_removed=removed_f, train_examples=len(ses.train_set),
                    train_steps=result.steps, train_seconds=result.seconds, history=result.history,
+                   mixed_precision=result.mixed_precision,
                    structure=structure, teacher=str(teacher_dir), source=str(model_dir), **ses.teaching())
     _seal(student, ses.tokenizer, out, work, kind="prune", settings=stage_settings, metrics=metrics)
     log.info("prune done: heads -%.0f%%, FFN -%.0f%%, %d -> %d params, dev accuracy %.4f -> %s",

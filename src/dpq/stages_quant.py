@@ -149,7 +149,8 @@ def qat_stage(settings: QuantizeSettings, model_dir: Path, teacher_dir: Path | N
     final = ses.report(ses.evaluate())  # the converted model (real 4-bit grid), not the fake-quantized one
     metrics = dict(final, best_fake_quant=result.best_metrics, params=models.param_count(student),
                    quantized_tensors=len(q), train_examples=len(ses.train_set), train_steps=result.steps,
-                   train_seconds=result.seconds, history=result.history, teacher=str(teacher_dir),
+                   train_seconds=result.seconds, history=result.history,
+                   mixed_precision=result.mixed_precision, teacher=str(teacher_dir),
                    loss_weights=settings.loss_weights, ensemble=settings.ensemble, runtime="torch-dequantized",
                    kept_tokens=meta.get("kept_tokens"), **ses.teaching())
     meta.update(loss_weights=settings.loss_weights, ensemble=settings.ensemble)
