@@ -24,7 +24,6 @@ size, so this count bounds how many steps per second a host can issue.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import logging
 import tempfile
@@ -103,9 +102,12 @@ def main() -> None:
     print("| stage | mixed precision | AdamW | steps/s | samples/s | seconds |" + ops_cols)
     print("| --- | --- | --- | ---: | ---: | ---: |" + (" ---: |" if args.ops else ""))
     adamw = torch.optim.AdamW
+
+    def per_tensor(*a, **kw):  # the loop asks for fused=True; not asking is PyTorch's per-tensor loop on a CPU
+        return adamw(*a, **dict(kw, fused=None))
+
     for name, precision, opt in itertools.product(args.stages, args.mixed_precision, args.adamw):
-        # the loop asks for fused=True; per-tensor is what torch.optim.AdamW does on a CPU when not asked
-        torch.optim.AdamW = adamw if opt == "fused" else functools.partial(adamw, fused=None)
+        torch.optim.AdamW = adamw if opt == "fused" else per_tensor
         trainables, loss_fn, ds, pads = _stage(name, data, (args.steps + args.warmup + args.ops) * args.batch_size)
         marks = {}
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.ops else None

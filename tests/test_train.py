@@ -201,7 +201,8 @@ def test_bf16_trains_under_autocast_with_fp32_weights_and_resumes(setup, tmp_pat
 
         def f(batch):
             head = model.classifier  # (Accelerate casts the model's outputs back to fp32: a layer shows autocast)
-            seen.append((torch.is_autocast_enabled("cpu"), head.weight.dtype, head(torch.ones(1, head.in_features)).dtype))
+            out = head(torch.ones(1, head.in_features))
+            seen.append((torch.is_autocast_enabled("cpu"), head.weight.dtype, out.dtype))
             return inner(batch)
         return f
 
