@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import DpqError
+from .recipe import PRECISIONS
 
 CHOICES = ("auto", "cpu", "cuda")
 CPUINFO = Path("/proc/cpuinfo")
@@ -92,7 +93,7 @@ def cpu_has_native_bf16() -> bool:
 
 def mixed_precision(setting: str) -> str:
     """Accelerate's ``mixed_precision`` for a training run: ``bf16`` or ``no``."""
-    if setting not in ("auto", "no", "bf16"):
+    if setting not in PRECISIONS:
         raise DpqError(f"mixed_precision must be auto, no or bf16 (got {setting!r})")
     if setting == "auto":
         return "bf16" if use_cuda() or cpu_has_native_bf16() else "no"
