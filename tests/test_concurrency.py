@@ -75,6 +75,7 @@ def test_a_lock_does_not_outlive_its_holder(tmp_path, tiny_models, sst2_slice, e
     r = subprocess.run(teacher_cmd(tiny_models["student"], sst2_slice, out), capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "resuming from step" in r.stderr and artifacts.is_complete(out)
+    assert not (tmp_path / ".out.lock").exists()  # taken over, and removed by the holder that finished
 
 
 @pytest.mark.parametrize("damage", ["newest", "both"])

@@ -122,6 +122,21 @@ def _accuracy(row: dict, data: dict, name: str) -> dict:
             "metrics": [{"type": "accuracy", "value": row["accuracy"], "name": name, "verified": False}]}
 
 
+def _measured_by_stage(folder: Path) -> dict | None:
+    """The dev accuracy a training stage measured once on the model it saved (its ``metrics.json``): what a card
+    shows until an evaluation of the run (size, latency, the same accuracy) replaces it."""
+    m = _read_json(folder / "metrics.json")
+    acc = m.get("accuracy")
+    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0 <= acc <= 1:
+        return None
+    out = {"accuracy": acc, "split": "dev"}
+    if m.get("selected_on"):
+        out["checkpoint_chosen_on"] = m["selected_on"]
+    if isinstance(m.get("selection_accuracy"), (int, float)):
+        out["selection_accuracy"] = m["selection_accuracy"]
+    return out
+
+
 def metadata(folder: Path, kind: str, settings: dict, rows: dict[str, dict], data: dict | None,
              siblings: Path, name: str) -> dict:
     """The Hub metadata header. ``rows``: evaluation rows by folder name (this folder's and its exports')."""
@@ -145,10 +160,16 @@ def metadata(folder: Path, kind: str, settings: dict, rows: dict[str, dict], dat
         for export_name, row in rows.items():
             results.append(_accuracy(row, data, f"accuracy ({row['runtime']}, {row.get('split', 'dev')} split, "
                                                 f"as its export {export_name})"))
+    measured = _measured_by_stage(folder) if not rows else None
+    if measured:
+        results.append(_accuracy(measured, data, f"accuracy ({_runtime(kind, config, export)}, "
+                                                 f"{measured['split']} split, measured by the {kind} stage)"))
     if results:
         meta["model-index"] = [{"name": f"{Path(siblings).name}-{name}", "results": results}]
     meta["dpq"] = {"stage": kind, "runtime": _runtime(kind, config, export),
                    "evaluation": {n: {k: v for k, v in r.items() if k != "model"} for n, r in rows.items()}}
+    if measured:
+        meta["dpq"]["measured_by_stage"] = measured
     taught = _read_json(folder / "metrics.json")
     if taught.get("teachers"):
         meta["dpq"].update(teachers=taught["teachers"], teacher_combine=taught.get("teacher_combine"))
@@ -258,8 +279,19 @@ def render(folder: Path, kind: str, settings: dict, rows: dict[str, dict], data:
     body += ["## Evaluation", ""]
     if rows and name not in rows:
         body += ["This folder is measured through its exports (the same 4-bit codes, run by ONNX Runtime):", ""]
-    body += [*_table(rows), ""] if rows else [
-        "Not measured yet: `dpq run` (or `dpq evaluate` and `dpq report` on the run) fills this in.", ""]
+    measured = meta["dpq"].get("measured_by_stage")
+    if rows:
+        body += [*_table(rows), ""]
+    elif measured:
+        chosen = measured.get("checkpoint_chosen_on")
+        where = "the held-out slice of train" if chosen == "heldout" else f"the {chosen} split"
+        how = (f" (the checkpoint chosen on {where}" + (f", accuracy {measured['selection_accuracy']:.4f}"
+               if "selection_accuracy" in measured else "") + ")") if chosen else ""
+        body += [f"Accuracy {measured['accuracy']:.4f} on the {measured['split']} split, measured by the `{kind}` "
+                 f"stage on the model it saved{how}. Size and latency: `dpq evaluate` on this folder, or `dpq run` "
+                 "(its evaluation fills in this section).", ""]
+    else:
+        body += ["Not measured yet: `dpq run` (or `dpq evaluate` and `dpq report` on the run) fills this in.", ""]
     body += ["## dpq settings", "", "```yaml", yaml.safe_dump(settings, sort_keys=True).rstrip(), "```", ""]
     header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
     return f"---\n{header}---\n\n" + "\n".join(body)

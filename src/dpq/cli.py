@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import typing
+import unicodedata
 from pathlib import Path
 
 from .errors import DpqError
@@ -29,7 +34,8 @@ def _add_settings(parser: argparse.ArgumentParser, cls, *, skip=(), title: str |
         if typing.get_origin(tp) is typing.Union:
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(dest=f.name, default=None, help=f"{f.metadata.get('help', '')} (default: {default})")
+        kw = dict(dest=f.name, default=None, help=f"{f.metadata.get('help', '')} (default: {default}"
+                                                   f"{_bounds_text(f.metadata)})")
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
@@ -40,6 +46,13 @@ def _add_settings(parser: argparse.ArgumentParser, cls, *, skip=(), title: str |
                                metavar=f.metadata.get("metavar"), **kw)
         else:
             group.add_argument(flag, type=tp, metavar=f.name.upper(), **kw)
+
+
+def _bounds_text(meta) -> str:
+    """A setting's limits for its help text, e.g. "; >= 1, <= 1000" (the recipe refuses values outside them)."""
+    parts = [f"{op} {meta[k] if isinstance(meta[k], int) else f'{meta[k]:g}'}"
+             for k, op in (("min", ">="), ("gt", ">"), ("max", "<="), ("lt", "<")) if k in meta]
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _given(args, cls, skip=()) -> dict:
@@ -144,20 +157,34 @@ def _cmd_run(args) -> None:
 
 
 def _cmd_stage(args) -> None:
-    """Any declared stage alone: the same settings, input checks, key and runner as in `dpq run`."""
-    from .pipeline import run_stage
+    """Any declared stage alone: the same settings, input checks, key and runner as in `dpq run`. The output folder
+    is checked (dpq's to replace, none of the inputs) before any data is read or lock taken."""
+    from . import artifacts, locks
+    from .pipeline import run_stage, stage_status
     from .recipe import build
     from .registry import COMMANDS as STAGES
+    from .stages import check_writable
 
     stage = STAGES[args.command]
     settings = build(stage.settings, _given(args, stage.settings, skip=stage.skip), stage.name)
     inputs = {i.name: Path(getattr(args, i.name)) if getattr(args, i.name) else None for i in stage.inputs}
     choice = {stage.fanout.name: getattr(args, stage.fanout.name)} if stage.fanout else {}
     stage.check(choice, inputs, settings)
-    data, data_settings = _load_data(args) if stage.data else (None, None)
+    data_settings = _data_settings(args) if stage.data else None
     key = stage.key(settings, data=data_settings and dataclasses.asdict(data_settings), choice=choice,
                     inputs=inputs)
     out = Path(args.out)
+    if args.force or stage_status(out, key)[0]:  # a stage that is skipped writes nothing, wherever it is
+        artifacts.check_replaceable(out, stage.name)
+        read = [(f"--{k}", v) for k, v in inputs.items()]
+        read += [(f"--{f}", getattr(settings, f)) for f in ("model", "student") if getattr(settings, f, None)]
+        read += [("--extra-teachers", t) for t in getattr(settings, "extra_teachers", None) or ()]
+        if data_settings is not None:
+            read += [("--data", p) for p in dict.fromkeys([data_settings.path, *data_settings.path.split(",")])]
+        artifacts.check_not_input(out, read)
+        check_writable(out, create=False)
+        locks.check_free(out)
+    data = _load_data(args)[0] if stage.data else None
     name = "-".join([stage.name, *choice.values()])
     run_stage(name, out, key, lambda: stage.run(settings, choice, inputs, data, out, key),
               trains=stage.trains(choice), force=args.force)
@@ -173,20 +200,43 @@ def _cmd_report(args) -> None:
 
 def _cmd_predict(args) -> None:
     from .predict import load, read_lines
+    from .recipe import MAX_BATCH
 
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise DpqError(f"--batch-size must be >= 1 and <= {MAX_BATCH} (got {args.batch_size})")
     texts = list(args.texts) + (read_lines(Path(args.file)) if args.file else [])
     if not texts:
-        raise DpqError("nothing to classify: give texts or --file FILE")
-    if args.batch_size < 1:
-        raise DpqError(f"--batch-size must be >= 1 (got {args.batch_size})")
+        raise DpqError("nothing to classify: give texts or --file FILE (- reads standard input)")
     predictor = load(args.model)
     for text, p in zip(texts, predictor.predict(texts, batch_size=args.batch_size)):
         if args.json:
-            print(json.dumps({"label": p.label, "probability": round(p.probability, 6), "truncated": p.truncated,
-                              "text": text[:200]}, ensure_ascii=False))
+            print(_json_line({"label": p.label, "probability": round(p.probability, 6), "truncated": p.truncated,
+                              "text": text[:200]}))
         else:
-            shown = text[:70].replace("\n", " ").replace("\t", " ")
-            print(f"{p.label}\t{p.probability:.4f}\t{shown}{'…' if len(text) > 70 else ''}")
+            print(f"{printable(p.label)}\t{p.probability:.4f}\t{printable(text[:70])}{'…' if len(text) > 70 else ''}")
+
+
+def _unprintable(ch: str) -> bool:
+    # control (Cc: ESC starts terminal sequences, C1's CSI too), format (Cf: bidi overrides reorder what is shown),
+    # unassigned, private use, surrogates, and the line/paragraph separators some terminals break lines on
+    return unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to write to a terminal: every character that could move the cursor, retitle the window or
+    reorder the line is shown as its escape (``\\x1b``, ``\\u202e``), so the output is what the input held."""
+    return "".join(ascii(ch)[1:-1] if _unprintable(ch) else ch for ch in text)
+
+
+def _json_line(obj) -> str:
+    """One JSON object, readable and safe on a terminal: the characters ``printable`` escapes become ``\\uXXXX``,
+    JSON's own escape, so a JSON reader gets the text back exactly."""
+    return "".join(_json_escape(ch) if _unprintable(ch) else ch for ch in json.dumps(obj, ensure_ascii=False))
+
+
+def _json_escape(ch: str) -> str:
+    units = ch.encode("utf-16-be", "surrogatepass")  # beyond U+FFFF: a surrogate pair, as JSON writes it
+    return "".join(f"\\u{int.from_bytes(units[i:i + 2], 'big'):04x}" for i in range(0, len(units), 2))
 
 
 def _cmd_evaluate(args) -> None:
@@ -198,11 +248,30 @@ def _cmd_evaluate(args) -> None:
     for d in args.models:
         if not Path(d).is_dir():
             raise DpqError(f"{d}: no such model folder")
+    if args.json:
+        _check_json_out(Path(args.json), [Path(d) for d in args.models])
     data, _ = _load_data(args, need=(settings.split,), hold_out=False)
     rows = evaluate_dirs([Path(d) for d in args.models], data, settings)
     print(format_table(rows))
     if args.json:
         artifacts.write_json_atomic(Path(args.json), rows)
+
+
+def _check_json_out(path: Path, models: list[Path]) -> None:
+    """Refuse an ``--json`` file that could not be written, before the evaluation (minutes) rather than after."""
+    if path.is_dir():
+        raise DpqError(f"--json {path}: is a folder; give a file name, e.g. {path / 'results.json'}")
+    if path.exists() and not path.is_file():
+        raise DpqError(f"--json {path}: exists and is not a file")
+    where = path.resolve()
+    inside = next((m for m in models if where.is_relative_to(m.resolve())), None)
+    if inside is not None:  # a model's own config.json or manifest overwritten by its measurements
+        raise DpqError(f"--json {path}: inside the model folder {inside}; write the rows elsewhere")
+    parent = next(p for p in where.parents if p.exists())
+    if not parent.is_dir():
+        raise DpqError(f"--json {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise DpqError(f"--json {path}: {parent} is not writable")
 
 
 COMMANDS = {"run": _cmd_run, "evaluate": _cmd_evaluate, "report": _cmd_report, "predict": _cmd_predict}
@@ -222,7 +291,54 @@ def _quiet_libraries() -> None:
         pass
 
 
+DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large (the file-size limit, "
+             "`ulimit -f`, or the file system's)", getattr(errno, "EDQUOT", -1): "disk quota exceeded"}
+
+
+def _disk_full(exc: BaseException) -> tuple[str, str | None] | None:
+    """(what, file) when ``exc`` (or what caused it) is a write that found no room. Some writers wrap the OS error
+    in their own (safetensors: ``SafetensorError … (os error 28)``), so their message is read as well."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return DISK_FULL[exc.errno], exc.filename
+        found = re.search(r"os error (\d+)", str(exc))
+        if found and int(found[1]) in DISK_FULL:
+            return DISK_FULL[int(found[1])], None
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _terminated(signum, frame) -> None:
+    # SIGTERM (docker stop, Slurm preemption, Kubernetes) takes Ctrl-C's path: training checkpoints and says how to
+    # resume, everything else stops where it is, temporary folders removed
+    raise KeyboardInterrupt
+
+
+def _install_signals() -> dict:
+    """Our handlers, and the ones they replace (restored when ``main`` returns: it also runs inside other programs,
+    such as the tests)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return {}
+    # over `ulimit -f` the kernel kills the process outright; ignored, the write fails with EFBIG, said below
+    wanted = {signal.SIGTERM: _terminated, getattr(signal, "SIGXFSZ", None): signal.SIG_IGN}
+    return {sig: signal.signal(sig, handler) for sig, handler in wanted.items() if sig is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = _install_signals()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the command started (importing torch, building the parser)
+        print("dpq: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="dpq: %(message)s",
@@ -242,9 +358,20 @@ def main(argv: list[str] | None = None) -> int:
     except DpqError as e:
         print(f"dpq: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("dpq: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # training says so itself (a DpqError); this is any other moment
+        resumable = args.command not in ("predict", "evaluate", "report")
+        print("dpq: interrupted" + ("; finished stages are kept, run the same command again to go on" if resumable
+                                    else ""), file=sys.stderr)
         return 130
+    except Exception as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        what, file = full
+        print(f"dpq: error: {what}{f' writing {file}' if file else ''}; earlier results are kept (a stage writes "
+              "into a temporary folder until it is complete): make room and run the same command again",
+              file=sys.stderr)
+        return 2
     return 0
 
 

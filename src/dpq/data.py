@@ -7,6 +7,7 @@ tokens, so padding to a fixed 128 would waste most of the compute.
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import hashlib
@@ -15,6 +16,8 @@ import logging
 import os
 import random
 import re
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -163,39 +166,63 @@ def _decode(path: Path) -> str:
         raise DpqError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8") from None
 
 
+def _lines(text: str) -> list[str]:
+    """The file's lines: only \\n and \\r\\n end one. ``str.splitlines`` also ends a line at U+2028, U+0085, form feed
+    and vertical tab, which are characters inside a sentence (web text holds them), so it cut rows in two."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _csv_records(path: Path, text: str) -> Iterator[tuple[int, list[str] | None, str]]:
+    """(first line, fields, why not) of each CSV record. A quoted field may span lines and keeps its newlines."""
+    reader = csv.reader((line + "\n" for line in text.split("\n")), delimiter=",")
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if "field limit" in str(e):
+                # an unclosed quote runs on to the end of the file: what follows cannot be told apart into rows
+                raise DpqError(f"{path}:{start}: a field longer than {csv.field_size_limit() >> 20} MiB "
+                               "(csv.field_size_limit); is a quote left open on this line?") from None
+            said = "a carriage return inside an unquoted field" if "new-line" in str(e) else str(e)
+            yield start, None, f"unreadable CSV: {said}"
+            continue
+        yield start, fields, ""
+
+
 def _rows_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict | None, str]]:
     text = _decode(path)
-    lines = text.splitlines()
-    if not lines:
-        raise DpqError(f"{path}: empty file (expected a header line with 'sentence' and 'label')")
     if delimiter == "\t":
         # GLUE TSVs are unquoted and contain bare quote characters: parse fields literally
-        header = lines[0].split("\t")
-        width = len(header)
-        for n, line in enumerate(lines[1:], start=2):
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != width:
-                yield n, None, f"{len(fields)} fields, header has {width}"
-            else:
-                yield n, dict(zip(header, fields)), ""
-        return
-    reader = csv.reader(lines, delimiter=delimiter)
-    header = next(reader)
-    width = len(header)
-    for fields in reader:
-        n = reader.line_num
-        if not fields or not any(f.strip() for f in fields):
+        records = ((n, line.split("\t"), "") for n, line in enumerate(_lines(text), start=1))
+    else:
+        records = _csv_records(path, text)
+    header = None
+    for n, fields, why in records:
+        if header is None:
+            if fields is None:
+                raise DpqError(f"{path}:{n}: header line: {why}")
+            header, width = fields, len(fields)
             continue
-        if len(fields) != width:
+        if fields is not None and not any(f.strip() for f in fields):
+            continue
+        if fields is None:
+            yield n, None, why
+        elif len(fields) != width:
             yield n, None, f"{len(fields)} fields, header has {width}"
         else:
             yield n, dict(zip(header, fields)), ""
+    if header is None:
+        raise DpqError(f"{path}: empty file (expected a header line with 'sentence' and 'label')")
 
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str]]:
-    for n, line in enumerate(_decode(path).splitlines(), start=1):
+    for n, line in enumerate(_lines(_decode(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -212,14 +239,82 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str]]:
 def _header_of(path: Path) -> list[str] | None:
     if path.suffix == ".jsonl":
         return None
-    first = _decode(path).splitlines()[:1]
-    if not first:
-        return []
-    return first[0].split("\t") if path.suffix == ".tsv" else next(csv.reader(first))
+    text = _decode(path)
+    if path.suffix == ".tsv":
+        first = _lines(text)[:1]
+        return first[0].split("\t") if first else []
+    n, fields, why = next(_csv_records(path, text), (1, [], ""))
+    if fields is None:
+        raise DpqError(f"{path}:{n}: header line: {why}")
+    return fields
 
 
-def read_file(path: Path, *, skip_bad_rows: bool = False) -> tuple[list[str], list[str], int]:
-    """Return (texts, raw labels, skipped count) from one TSV/CSV/JSONL file."""
+INTEGER = re.compile(r"-?\d+")
+
+
+def _label_of(value) -> tuple[str | None, str]:
+    """(the class a row's label names, else None and why). A JSONL label is a string or an integer: ``true``,
+    ``1.0`` or ``[1]`` beside ``1`` would each become a class of its own, so they are malformed rows."""
+    if isinstance(value, str):
+        return (value.strip(), "") if value.strip() else (None, "empty label")
+    if value is None:
+        return None, "empty label"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value), ""
+    kind = {bool: "a boolean", float: "a floating-point number", list: "a list", dict: "an object"}.get(type(value), "")
+    return None, f"label {json.dumps(value)} is {kind or type(value).__name__}, not a class name or an integer"
+
+
+def _as_integer(label: str) -> int | None:
+    """The integer a label spells (``1.0``, ``01``, ``+1``, ``1e0``), else None."""
+    try:
+        number = float(label)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _text_and_label(row: dict, classes: Sequence[str] | None) -> tuple[str, str] | str:
+    """(text, class) of a parsed row, else why it is malformed."""
+    key = next((c for c in TEXT_COLUMNS if c in row), None)
+    if key is None or LABEL_COLUMN not in row:
+        return "no 'sentence' or 'label' field"
+    text, (label, why) = row[key], _label_of(row[LABEL_COLUMN])
+    if not isinstance(text, str):  # JSONL null or a number: no sentence to learn from
+        return f"text is {'null' if text is None else type(text).__name__}, not a string"
+    if label is None:
+        return why
+    if label == LABEL_COLUMN and text.strip() in TEXT_COLUMNS and LABEL_COLUMN not in (classes or ()):
+        return "the header line again: files joined together?"
+    return text, label
+
+
+def _stray_labels(labels: Sequence[str]) -> dict[str, str]:
+    """Labels that are not classes beside integer class labels, each with why: another spelling of one of the
+    integers (``1.0`` beside ``1``: pandas writes floats), or a rare non-integer among them (``true``, ``[1]``,
+    ``label``). Mapping ``1.0`` to ``1`` would be unambiguous, but a file that spells one class two ways was
+    produced by something else going wrong, and a user finds that out better now than in a report."""
+    counts = collections.Counter(labels)
+    integers = {int(v): v for v in counts if INTEGER.fullmatch(v) and str(int(v)) == v}
+    if not integers:
+        return {}
+    smallest = min(counts[v] for v in integers.values())
+    stray = {}
+    for v in counts:
+        if v in integers.values():
+            continue
+        same = _as_integer(v)
+        if same in integers:
+            stray[v] = f"label '{v}' is the integer label '{integers[same]}' written another way"
+        elif counts[v] * 2 < smallest:  # a few odd rows among integer classes, not a class of their own
+            stray[v] = f"label '{v}' among integer labels ({', '.join(sorted(integers.values(), key=int)[:5])})"
+    return stray
+
+
+def _read_rows(path: Path, *, skip_bad_rows: bool = False,
+               classes: Sequence[str] | None = None) -> tuple[list[str], list[str], list[int], int]:
+    """(texts, labels, line numbers, skipped count) of one TSV/CSV/JSONL file. ``classes``: the declared classes
+    (then any label outside them is refused by ``_to_ids``, and no label is judged stray here)."""
     path = Path(path)
     if not path.is_file():
         raise DpqError(f"{path}: file not found")
@@ -232,43 +327,66 @@ def read_file(path: Path, *, skip_bad_rows: bool = False) -> tuple[list[str], li
             raise DpqError(f"{path}: header has no {' or '.join(repr(m) for m in missing)} column (header: {header})")
     rows = (_rows_jsonl(path) if path.suffix == ".jsonl"
             else _rows_delimited(path, "\t" if path.suffix == ".tsv" else ","))
-    texts, labels, bad = [], [], []
+    texts, labels, lines, bad = [], [], [], []
     for n, row, why in rows:
-        if row is not None:
-            key = next((c for c in TEXT_COLUMNS if c in row), None)
-            if key is None or LABEL_COLUMN not in row:
-                why = "no 'sentence' or 'label' field"
-            elif row[LABEL_COLUMN] is None or str(row[LABEL_COLUMN]).strip() == "":
-                why = "empty label"
-            elif row[key] is not None and not isinstance(row[key], str):
-                why = f"text is {type(row[key]).__name__}, not a string"
-            else:
-                texts.append(row[key] or "")
-                labels.append(str(row[LABEL_COLUMN]).strip())
-                continue
-        bad.append((n, why))
+        got = _text_and_label(row, classes) if row is not None else why
+        if isinstance(got, str):
+            bad.append((n, got))
+            continue
+        texts.append(got[0])
+        labels.append(got[1])
+        lines.append(n)
+    stray = _stray_labels(labels) if classes is None else {}
+    if stray:
+        bad = sorted(bad + [(n, stray[y]) for n, y in zip(lines, labels) if y in stray])
+        keep = [i for i, y in enumerate(labels) if y not in stray]
+        texts, labels, lines = ([xs[i] for i in keep] for xs in (texts, labels, lines))
     if bad and not skip_bad_rows:
         shown = ", ".join(f"line {n} ({why})" for n, why in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise DpqError(f"{path}: {len(bad)} malformed row(s): {shown}{more}; fix them or pass --skip-bad-rows")
+        declare = " (or list the classes in the recipe's data.labels)" if stray else ""
+        raise DpqError(f"{path}: {len(bad)} malformed row(s): {shown}{more}; fix them or pass --skip-bad-rows"
+                       f"{declare}")
     if bad:
         log.warning("%s: skipped %d malformed row(s) (first at line %d)", path, len(bad), bad[0][0])
-    return texts, labels, len(bad)
+    return texts, labels, lines, len(bad)
+
+
+def read_file(path: Path, *, skip_bad_rows: bool = False) -> tuple[list[str], list[str], int]:
+    """Return (texts, raw labels, skipped count) from one TSV/CSV/JSONL file."""
+    texts, labels, _, skipped = _read_rows(path, skip_bad_rows=skip_bad_rows)
+    return texts, labels, skipped
 
 
 def _label_order(raw: Sequence[str]) -> list[str]:
     uniq = set(raw)
-    if all(re.fullmatch(r"-?\d+", v) for v in uniq):
-        return [str(v) for v in sorted(int(v) for v in uniq)]
+    if all(INTEGER.fullmatch(v) for v in uniq):
+        return sorted(uniq, key=int)
     return sorted(uniq)
 
 
-def _to_ids(path: str, raw: list[str], names: list[str]) -> list[int]:
+def _to_ids(path: str, raw: list[str], names: list[str], lines: list[int] | None = None) -> list[int]:
     index = {n: i for i, n in enumerate(names)}
     for i, v in enumerate(raw):
         if v not in index:
-            raise DpqError(f"{path}: label '{v}' (row {i + 1}) is not one of the classes {names}")
+            where = f"line {lines[i]}" if lines else f"row {i + 1}"
+            raise DpqError(f"{path}: label '{v}' ({where}) is not one of the classes {names}")
     return [index[v] for v in raw]
+
+
+def _report_thin_classes(source: str, splits: dict[str, Split], names: list[str]) -> None:
+    """One warning naming the classes a split lacks or that hold under 1% of the largest class's train rows: the
+    classifier gets an output for every class of the data, so a stray row's class would train in silence."""
+    counts = {s: [tally[i] for i in range(len(names))]
+              for s, split in splits.items() for tally in [collections.Counter(split.labels)]}
+    train = counts.get("train")
+    thin = [i for i in range(len(names))
+            if any(c[i] == 0 for c in counts.values()) or (train and train[i] * 100 < max(train))]
+    if thin:
+        said = ", ".join(f"'{names[i]}' ({', '.join(f'{c[i]} {s}' for s, c in counts.items())} rows)"
+                         for i in thin)
+        log.warning("%s: %d classes, and %s few or no rows: %s; a stray row? the model gets an output per class",
+                    source, len(names), "these have" if len(thin) > 1 else "this one has", said)
 
 
 def _find_split_file(folder: Path, split: str) -> Path | None:
@@ -281,24 +399,28 @@ def _find_split_file(folder: Path, split: str) -> Path | None:
 
 def load_files(train: Path | None, dev: Path | None, *, labels: list[str] | None = None,
                skip_bad_rows: bool = False, source: str = "") -> TextData:
-    raw: dict[str, tuple[Path, list[str], list[str]]] = {}
+    raw: dict[str, tuple[Path, list[str], list[str], list[int]]] = {}
     skipped = 0
+    declared = None if labels is None else [str(v) for v in labels]
     for name, path in (("train", train), ("dev", dev)):
         if path is None:
             continue
-        texts, y, s = read_file(path, skip_bad_rows=skip_bad_rows)
+        texts, y, lines, s = _read_rows(path, skip_bad_rows=skip_bad_rows, classes=declared)
         skipped += s
         if not texts:
             raise DpqError(f"{path}: the {name} split is empty")
-        raw[name] = (path, texts, y)
-    if labels is None:
+        raw[name] = (path, texts, y, lines)
+    if declared is None:
         base = raw.get("train") or raw.get("dev")
-        labels = _label_order(base[2])
-    labels = [str(v) for v in labels]
+        declared = _label_order(base[2])
+    labels = declared
     if len(labels) < 2:
         raise DpqError(f"{source}: only one class ({labels}) found; a classifier needs at least two")
-    splits = {name: Split(texts, _to_ids(str(path), y, labels), str(path)) for name, (path, texts, y) in raw.items()}
-    return TextData(splits, labels, source or str(train or dev), skipped)
+    splits = {name: Split(texts, _to_ids(str(path), y, labels, lines), str(path))
+              for name, (path, texts, y, lines) in raw.items()}
+    source = source or str(train or dev)
+    _report_thin_classes(source, splits, labels)
+    return TextData(splits, labels, source, skipped)
 
 
 def load_hub(spec: str, *, labels: list[str] | None = None) -> TextData:
@@ -334,7 +456,81 @@ def load_hub(spec: str, *, labels: list[str] | None = None) -> TextData:
         splits[split] = Split(list(part[text_col]), ys, f"{spec}/{key}")
     if not splits:
         raise DpqError(f"data '{spec}': no train or validation split")
+    _report_thin_classes(spec, splits, list(map(str, label_names)))
     return TextData(splits, list(map(str, label_names)), spec)
+
+
+def data_files(spec: str | os.PathLike) -> dict[str, Path] | None:
+    """The local files ``load_data(spec)`` reads, by split; None for a hub id (keyed by its id and config)."""
+    spec_s = str(spec)
+    path = Path(spec_s).expanduser()
+    if path.is_dir():
+        return {s: f for s in SPLIT_NAMES if (f := _find_split_file(path, s)) is not None}
+    if "," in spec_s:
+        return {s: p for s, p in zip(SPLIT_NAMES, (Path(x.strip()).expanduser() for x in spec_s.split(",")))
+                if p.is_file()}
+    return {} if path.exists() else None
+
+
+# ----------------------------------------------------------------------------- content digests
+
+_DIGESTS: dict[str, tuple[list, str]] = {}
+_RACY_NS = 2_000_000_000  # a file written this recently may change again within its timestamps' resolution
+_unwritable_cache_said = False
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes (as ``artifacts.sha256_file``), read once per version of the file: remembered
+    by its path, size, mtime, ctime and inode, in this process and in $DPQ_CACHE/file-digests, so a 400 MB model
+    is not read again by every `dpq run`. An edit in place changes mtime and ctime, a replacement the inode too.
+    A cache that cannot be written costs a re-read next time (said once), never the run."""
+    from .artifacts import sha256_file
+    from .models import cache_dir
+
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = [str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    name = hashlib.sha256(str(path).encode()).hexdigest()[:32]
+    if name in _DIGESTS and _DIGESTS[name][0] == stamp:
+        return _DIGESTS[name][1]
+    entry = cache_dir() / "file-digests" / f"{name}.json"
+    try:
+        got = json.loads(entry.read_text())
+        if got["stamp"] == stamp and re.fullmatch(r"[0-9a-f]{64}", got["sha256"]):
+            _DIGESTS[name] = (stamp, got["sha256"])
+            return got["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = sha256_file(path)
+    # a file changed again within its timestamps' resolution would keep its stamp: remember settled files only
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+        _DIGESTS[name] = (stamp, digest)
+        _write_digest(entry, {"stamp": stamp, "sha256": digest})
+    return digest
+
+
+def _write_digest(entry: Path, record: dict) -> None:
+    global _unwritable_cache_said
+    tmp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, entry)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if not _unwritable_cache_said:
+            _unwritable_cache_said = True
+            log.warning("cannot write the file-digest cache %s (%s); hashing in memory, files are read again "
+                        "next run", entry.parent, e.strerror or e)
+
+
+def data_content(spec: str | os.PathLike) -> dict[str, str] | None:
+    """What a stage's key holds of the data: each local split file's sha256 (16 hex digits); None for a hub id."""
+    files = data_files(spec)
+    return None if files is None else {s: file_digest(f)[:16] for s, f in files.items()}
 
 
 def load_data(spec: str | os.PathLike, *, labels: list[str] | None = None, skip_bad_rows: bool = False,

@@ -39,6 +39,25 @@ class KDConfig:
         return self.hidden_weight > 0 or self.attention_weight > 0
 
 
+def check_same_tokens(cfg: KDConfig, student_tokenizer, teacher_tokenizer, texts) -> None:
+    """Hidden-state and attention KD compare the two models position by position, which means something only when
+    both read a sentence as the same tokens: the same vocabulary (by content, wherever the files lie) and the same
+    ids for the training sentences (a sample: lowercasing or normalisation can differ over one vocabulary)."""
+    if not cfg.needs_teacher_forward:
+        return
+    fix = "set hidden_weight and attention_weight to 0 (logit distillation works across tokenizers)"
+    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if s_vocab != t_vocab:
+        differ = len(set(s_vocab.items()) ^ set(t_vocab.items()))
+        raise DpqError(f"hidden-state and attention distillation compare token positions, but the student's and the "
+                       f"teacher's tokenizers differ ({len(s_vocab)} and {len(t_vocab)} tokens, {differ} entries not "
+                       f"shared); {fix}")
+    sample = [t for t in list(texts)[:64] if isinstance(t, str)]
+    if sample and student_tokenizer(sample)["input_ids"] != teacher_tokenizer(sample)["input_ids"]:
+        raise DpqError("hidden-state and attention distillation compare token positions, but the student's and the "
+                       f"teacher's tokenizers split the training sentences differently over one vocabulary; {fix}")
+
+
 def soft_label_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T²·KL(softmax(t/T) ‖ softmax(s/T)), averaged over the batch (Hinton et al., 2015)."""
     t = temperature

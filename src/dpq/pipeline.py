@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Callable
 
 from . import artifacts, devices, locks, registry
 from .data import TextData, load_data
+from .errors import DpqError
 from .extras import require
 from .recipe import DataSettings, Recipe, dump_recipe, load_recipe
 from .stages import check_writable, work_dir_for
@@ -25,30 +27,41 @@ def stage_status(out: Path, settings: dict) -> tuple[bool, str]:
             return True, "interrupted earlier: resumes from its checkpoint"
         return True, "not run yet"
     if manifest.get("settings_hash") != artifacts.settings_hash(settings):
-        old = manifest.get("settings", {})
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        return True, f"settings changed: {', '.join(changed) or 'format'}"
+        return True, registry.describe_change(manifest.get("settings") or {}, settings)
     return False, "complete, settings unchanged"
 
 
 def run_stage(name: str, out: Path, settings: dict, runner: Callable[[], Path], *, trains: bool,
               force: bool = False) -> Path:
     """Run ``runner`` unless ``out`` is complete with these settings, holding the folder's lock. A stage that
-    ``trains`` runs in every process of a multi-process job; any other runs on the main process alone."""
+    ``trains`` runs in every process of a multi-process job; any other runs on the main process alone. The folders
+    above ``out`` are made only now, after the caller's checks, and taken away again (when still empty) if the
+    stage fails."""
     todo, why = stage_status(out, settings)
     if not todo and not force:
         log.info("%s: %s, skipped (%s)", name, why, out)
         return out
-    with locks.hold(out):
-        todo, why = stage_status(out, settings)  # another process may have finished it while we looked
-        if not todo and not force:
-            log.info("%s: %s, skipped (%s)", name, why, out)
-            return out
-        log.info("%s: running (%s)", name, why if not force else "forced")
-        if trains or not devices.distributed():
-            return runner()
-        if devices.is_main():
-            runner()
+    made = [p for p in reversed(artifacts.followed(out).parents) if not p.exists()]
+    try:
+        with locks.hold(out):
+            todo, why = stage_status(out, settings)  # another process may have finished it while we looked
+            if not todo and not force:
+                log.info("%s: %s, skipped (%s)", name, why, out)
+                return out
+            if devices.is_main():
+                artifacts.clean_stale(artifacts.followed(out))  # a killed writer's leftovers, now that none can run
+            log.info("%s: running (%s)", name, why if not force else "forced")
+            if trains or not devices.distributed():
+                return runner()
+            if devices.is_main():
+                runner()
+    except BaseException:
+        for folder in reversed(made):  # innermost first; one that holds anything (a checkpoint) stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     devices.barrier()
     return out
 
@@ -99,17 +112,22 @@ def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | N
         recipe.data.path = data
     run_dir = Path(out) if out else Path("runs") / (recipe.name + (f"-{profile}" if profile else ""))
     pipe = Pipeline(recipe, run_dir)
+    text = dump_recipe(recipe).encode()
+    todo = _check_run_outputs(recipe, run_dir, pipe.plan(), text)
     if dry_run:
         steps = pipe.run(dry_run=True)
         width = max(len(name) for name, _, _ in steps)
         for name, todo, why in steps:
             print(f"{name:{width}s}  {'run ' if todo else 'skip'}  {why}")
         return run_dir
-    check_writable(run_dir)
-    with locks.hold(run_dir):
+    check_writable(run_dir, create=False)
+    if todo:
+        pipe.data()  # the data is read (and refused, if it must be) before the run folder, its recipe or a lock
+    devices.barrier()  # every process has looked at the run folder before the main one writes into it
+    with locks.hold(run_dir, covers_inside=True):
         if devices.is_main():
-            run_dir.mkdir(exist_ok=True)
-            _write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+            _check_run_outputs(recipe, run_dir, pipe.plan(), text)  # again: another process may have written since
+            _start_run_folder(run_dir, text)
         pipe.run()
         if not devices.is_main():
             return run_dir
@@ -121,7 +139,82 @@ def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | N
     return run_dir
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _kind(step: registry.Step) -> str:
+    """The kind a step's manifest says (its name up to the fan-out: quantize-rtn, export-int8-pruned)."""
+    return {"evaluate": "evaluation"}.get(step.name, step.name.split("-")[0])
+
+
+def _external_inputs(recipe: Recipe) -> list[tuple[str, str]]:
+    """The folders and files a run reads from outside itself: the run folder must be none of them."""
+    inputs = [("teacher.model", recipe.teacher.model), ("distill.student", recipe.distill.student)]
+    for section in ("distill", "prune", "quantize"):
+        inputs += [(f"{section}.extra_teachers", str(t)) for t in getattr(recipe, section).extra_teachers
+                   if t not in registry.MODEL_STEPS]
+    spec = str(recipe.data.path)
+    return inputs + [("data", p) for p in dict.fromkeys([spec, *spec.split(",")])]
+
+
+def _check_run_outputs(recipe: Recipe, run_dir: Path, steps: list[registry.Step], text: bytes) -> bool:
+    """Refuse, before anything is read or written, a run that would replace what dpq did not write: a run folder dpq
+    did not make (or one of the run's inputs), a stage folder that is not that stage's earlier artifact, a report or
+    evaluation folder it did not write, a recipe.yaml edited since. Returns whether any stage is to run."""
+    locks.check_free(run_dir, covers_inside=True)
+    artifacts.check_run_folder(run_dir)
+    artifacts.check_not_input(run_dir, _external_inputs(recipe))
+    todo = False
+    for step in steps:
+        if stage_status(step.out, step.key)[0]:
+            todo = True
+            artifacts.check_replaceable(step.out, _kind(step))
+            locks.check_free(step.out)
+    artifacts.check_replaceable(run_dir / "report", "report")
+    _check_recipe_copy(run_dir, text)
+    if todo:  # a local model folder that is none is said now; hub ids and packaged models are fetched when used
+        from .models import resolve
+
+        for model in (recipe.teacher.model, recipe.distill.student):
+            if Path(model).expanduser().is_dir():
+                resolve(model)
+    return todo
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_recipe_copy(run_dir: Path, text: bytes) -> None:
+    """The run's recipe.yaml is rewritten only when dpq wrote what is there (the marker holds its hash; a run made
+    before the marker existed has no hash, and its recipe.yaml is taken for dpq's)."""
+    path = run_dir / "recipe.yaml"
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_file():
+        raise DpqError(f"{path}: not a file dpq wrote (a link, or not a file); dpq will not replace it: move it away")
+    marker = artifacts.run_marker(run_dir)
+    current = artifacts.sha256_file(path)
+    if marker is None or current == _sha256(text) or current in (marker.get("recipe_sha256") or []):
+        return
+    raise DpqError(f"{path}: edited since dpq wrote it; dpq will not overwrite the edit: copy it elsewhere and run "
+                   "that copy, or move it away")
+
+
+def _start_run_folder(run_dir: Path, text: bytes) -> None:
+    """Make the run folder dpq's before anything else is in it, then write its recipe.yaml."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "recipe.yaml"
+    there = [artifacts.sha256_file(path)] if path.is_file() else []
+    artifacts.mark_run_folder(run_dir, list(dict.fromkeys([_sha256(text), *there])))
+    _write_bytes_atomic(path, text)
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -45,7 +45,8 @@ class Predictor:
             self.config = self.model.config
             quant = getattr(self.config, "dpq_quant", None)
             self.runtime = f"torch-dequantized-int{quant['bits']}" if quant else "torch-fp32"
-        self.max_length = min(512, getattr(self.config, "max_position_embeddings", 512))
+        limit = None if self.onnx else models.position_limit(self.model)  # RoBERTa-style: 2 fewer than the config's
+        self.max_length = min(512, limit or getattr(self.config, "max_position_embeddings", 512))
         self.labels = [str(self.config.id2label[i]) for i in range(self.config.num_labels)]
         self._collate = Collator(pad_ids(self.tokenizer))
 
@@ -89,14 +90,20 @@ def load(folder: str | Path) -> Predictor:
 
 
 def read_lines(path: Path) -> list[str]:
-    """One text per non-blank line of a UTF-8 file; a bad byte is reported with its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise DpqError(f"{path}: no such file")
-    raw = path.read_bytes()
+    """One text per non-blank line of a UTF-8 file (``-``: standard input); a bad byte is reported with its line
+    number. Lines end at a newline only: U+2028, U+0085 or a form feed inside a text are part of it."""
+    import sys
+
+    if str(path) == "-":
+        path, raw = Path("<stdin>"), sys.stdin.buffer.read()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise DpqError(f"{path}: no such file")
+        raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DpqError(f"{path}: line {line} is not UTF-8 text") from None
-    return [line for line in text.splitlines() if line.strip()]
+    return [line.removesuffix("\r") for line in text.split("\n") if line.strip()]

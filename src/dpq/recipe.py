@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,18 @@ from pathlib import Path
 import yaml
 
 from .errors import DpqError
+
+# Upper bounds: far beyond any real run, yet small enough that a typo (an extra digit or ten) is refused when the
+# recipe loads rather than overflowing, allocating terabytes or planning a run of centuries hours into training.
+MAX_EPOCHS = 1000
+MAX_BATCH = 65_536
+MAX_TOKENS = 8192  # max_length: the longest position tables of common encoders (ModernBERT, NomicBERT)
+MAX_EXAMPLES = 10**9  # sample counts
+MAX_STEPS = 10**9  # every-N-steps settings
+MAX_SEED = 2**32 - 1  # numpy's seeds are 0..2**32-1 (torch takes more, but one seed must mean one thing in both)
+MAX_REPEATS = 1000  # latency repeats, rounds, warm-up runs
+MAX_VOCAB = 10**7
+MAX_LAYERS = 1000
 
 
 def _check_list(where: str, values, allowed: tuple) -> None:
@@ -44,11 +58,20 @@ class DataSettings:
     skip_bad_rows: bool = opt(False, "skip malformed rows (with a count) instead of refusing the file")
     validation_fraction: float = opt(0.1, "share of train set aside to choose checkpoints on, so dev is only "
                                      "reported (0: choose on dev)", min=0, lt=0.5)
-    validation_max_samples: int = opt(2000, "at most this many held-out examples", min=1)
-    validation_seed: int = opt(0, "seed of the held-out draw (fixed across stages and runs)")
+    validation_max_samples: int = opt(2000, "at most this many held-out examples", min=1, max=MAX_EXAMPLES)
+    validation_seed: int = opt(0, "seed of the held-out draw (fixed across stages and runs)", min=0, max=MAX_SEED)
     validation_unit: str = opt("sentence", "what is held out: sentence (rows no other row contains, each with every "
                                "row that is a word span of it, so no phrase of a held-out sentence trains) or row",
                                choices=("sentence", "row"))
+
+    def __post_init__(self):
+        labels = self.labels
+        if labels is None:
+            return
+        if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in labels):
+            raise DpqError(f"data.labels: class names are text or integers, got {_short(labels)}")
+        if len({str(v) for v in labels}) != len(labels):
+            raise DpqError(f"data.labels: {_short(labels)} names one class twice")
 
 
 PRECISIONS = ("auto", "no", "bf16")  # training's mixed_precision (devices.mixed_precision resolves auto)
@@ -56,20 +79,23 @@ PRECISIONS = ("auto", "no", "bf16")  # training's mixed_precision (devices.mixed
 
 @dataclass
 class TrainSettings:
-    epochs: int = opt(3, "passes over the training data", min=1)
-    lr: float = opt(5e-5, "peak learning rate (AdamW, linear warm-up then linear decay)", gt=0)
-    batch_size: int = opt(32, "examples per step", min=1)
-    max_length: int = opt(128, "longer inputs are truncated to this many tokens (with a warning count)", min=4)
-    max_train_samples: typing.Optional[int] = opt(None, "train on a seeded random subset of this size", min=1)
-    seed: int = opt(42, "seed for initialisation, data order and dropout")
+    epochs: int = opt(3, "passes over the training data", min=1, max=MAX_EPOCHS)
+    lr: float = opt(5e-5, "peak learning rate (AdamW, linear warm-up then linear decay)", gt=0, max=1)
+    batch_size: int = opt(32, "examples per step", min=1, max=MAX_BATCH)
+    max_length: int = opt(128, "longer inputs are truncated to this many tokens (with a warning count)", min=4,
+                          max=MAX_TOKENS)
+    max_train_samples: typing.Optional[int] = opt(None, "train on a seeded random subset of this size", min=1,
+                                                  max=MAX_EXAMPLES)
+    seed: int = opt(42, "seed for initialisation, data order and dropout", min=0, max=MAX_SEED)
     warmup_ratio: float = opt(0.06, "fraction of steps spent warming the learning rate up", min=0, lt=1)
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms)", min=0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", min=0)
-    eval_every: int = opt(0, "evaluate every N steps as well as after each epoch (0: epochs only)", min=0)
-    checkpoint_every: int = opt(100, "on the CPU, write a resumable checkpoint every N steps", min=1)
+    eval_every: int = opt(0, "evaluate every N steps as well as after each epoch (0: epochs only)", min=0,
+                          max=MAX_STEPS)
+    checkpoint_every: int = opt(100, "on the CPU, write a resumable checkpoint every N steps", min=1, max=MAX_STEPS)
     checkpoint_minutes: float = opt(10.0, "on a GPU, write a resumable checkpoint every N minutes (and at epoch ends)",
-                                    gt=0)
-    log_every: int = opt(10, "steps per metrics.jsonl row (the mean loss over them)", min=1)
+                                    gt=0, max=7 * 24 * 60)
+    log_every: int = opt(10, "steps per metrics.jsonl row (the mean loss over them)", min=1, max=MAX_STEPS)
     mixed_precision: str = opt("auto", "bf16 autocast (fp32 weights and optimizer) or no; auto: bf16 on a GPU and on "
                                "a CPU with bf16 instructions (AVX512-BF16, AMX), where it trained 1.4-1.8x faster "
                                "per step than fp32", choices=PRECISIONS, keyed_if_set=True)
@@ -78,7 +104,7 @@ class TrainSettings:
 @dataclass
 class TeacherSettings(TrainSettings):
     model: str = opt("sentence-transformers/all-mpnet-base-v2", "teacher model: local folder, packaged id, or hub id")
-    lr: float = opt(2e-5, "peak learning rate", gt=0)
+    lr: float = opt(2e-5, "peak learning rate", gt=0, max=1)
 
 
 @dataclass
@@ -115,6 +141,9 @@ class KDSettings(TrainSettings):
                                choices=("average", "per-teacher"), keyed_if_set=True)
 
     def __post_init__(self):
+        lm = self.layer_map
+        if lm is not None and not (lm and all(type(j) is int and 1 <= j <= MAX_LAYERS for j in lm)):
+            raise DpqError(f"layer_map: a list of teacher layers, integers 1 to {MAX_LAYERS} (got {_short(lm)})")
         names = self.extra_teachers
         if not all(isinstance(n, str) and n.strip() for n in names):
             raise DpqError(f"extra_teachers: a list of model folders (or, in a recipe, stage names), got {names!r}")
@@ -125,7 +154,7 @@ class KDSettings(TrainSettings):
 @dataclass
 class DistillSettings(KDSettings):
     student: str = opt("sentence-transformers/all-MiniLM-L6-v2", "student model: local folder, packaged id, or hub id")
-    lr: float = opt(1e-4, "peak learning rate", gt=0)
+    lr: float = opt(1e-4, "peak learning rate", gt=0, max=1)
 
 
 @dataclass
@@ -148,9 +177,9 @@ class PruneSettings(KDSettings):
     prune_start: float = opt(0.0, "fraction of training steps before masking starts", min=0, max=1)
     prune_end: float = opt(0.5, "fraction of training steps at which the target is reached; recovery follows",
                            min=0, max=1)
-    update_every: int = opt(10, "steps between mask updates (the importance window)", min=1)
-    lr: float = opt(5e-5, "peak learning rate", gt=0)
-    epochs: int = opt(2, "passes over the training data (pruning, then recovery)", min=1)
+    update_every: int = opt(10, "steps between mask updates (the importance window)", min=1, max=MAX_STEPS)
+    lr: float = opt(5e-5, "peak learning rate", gt=0, max=1)
+    epochs: int = opt(2, "passes over the training data (pruning, then recovery)", min=1, max=MAX_EPOCHS)
 
 
 @dataclass
@@ -174,13 +203,14 @@ class QuantizeSettings(KDSettings):
     trim_vocab: bool = opt(False, "keep only the embedding rows of tokens the training data uses "
                                   "(others read as [UNK])")
     trim_keep_first: int = opt(0, "with trim_vocab: also keep the first N token ids (the frequent words of "
-                                  "frequency-ordered vocabularies such as BERT's)", min=0)
-    calibration_samples: int = opt(128, "training examples fed through the model to calibrate GPTQ", min=1)
+                                  "frequency-ordered vocabularies such as BERT's)", min=0, max=MAX_VOCAB)
+    calibration_samples: int = opt(128, "training examples fed through the model to calibrate GPTQ", min=1,
+                                   max=MAX_EXAMPLES)
     ensemble: bool = opt(False, "QAT: distil from the teacher and the fp32 model together (EKD)")
     act_bits: typing.Optional[int] = opt(None, "QAT: fake-quantize linear-layer inputs to this many bits (8)",
                                          choices=(None, 8))
-    lr: float = opt(5e-5, "QAT peak learning rate", gt=0)
-    epochs: int = opt(1, "QAT passes over the training data", min=1)
+    lr: float = opt(5e-5, "QAT peak learning rate", gt=0, max=1)
+    epochs: int = opt(1, "QAT passes over the training data", min=1, max=MAX_EPOCHS)
 
     def __post_init__(self):
         from .quant import methods
@@ -237,9 +267,11 @@ class TargetSettings:
 @dataclass
 class EvaluateSettings:
     split: str = opt("dev", "split to measure accuracy on")
-    latency_repeats: int = opt(5, "timed runs per model per round (median of all rounds reported)", min=1)
-    latency_rounds: int = opt(5, "rounds over all models, interleaved so machine load hits them alike", min=1)
-    warmup: int = opt(3, "untimed runs before timing", min=0)
+    latency_repeats: int = opt(5, "timed runs per model per round (median of all rounds reported)", min=1,
+                               max=MAX_REPEATS)
+    latency_rounds: int = opt(5, "rounds over all models, interleaved so machine load hits them alike", min=1,
+                              max=MAX_REPEATS)
+    warmup: int = opt(3, "untimed runs before timing", min=0, max=MAX_REPEATS)
     batch_sizes: list = opt([1, 32], "batch sizes to time")
 
     def __post_init__(self):
@@ -249,8 +281,9 @@ class EvaluateSettings:
             names = [n for aliases in SPLIT_NAMES.values() for n in aliases]
             raise DpqError(f"evaluate.split: {self.split!r} is not a split dpq reads (one of {', '.join(names)})"
                            f"{_did_you_mean(str(self.split), names)}")
-        if not self.batch_sizes or not all(type(b) is int and b >= 1 for b in self.batch_sizes):
-            raise DpqError(f"evaluate.batch_sizes: a list of integers >= 1 (got {self.batch_sizes!r})")
+        if not self.batch_sizes or not all(type(b) is int and 1 <= b <= MAX_BATCH for b in self.batch_sizes):
+            raise DpqError(f"evaluate.batch_sizes: a list of integers >= 1 and <= {MAX_BATCH} "
+                           f"(got {_short(self.batch_sizes)})")
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
             raise DpqError(f"evaluate.batch_sizes: {self.batch_sizes} names one size twice")
 
@@ -285,6 +318,15 @@ def _did_you_mean(key: str, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to one short line: a message quotes what it refuses, not the whole file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+INTEGER = re.compile(r"[+-]?[0-9]{1,30}")  # ASCII digits only: int() also reads "١٢" and would pass "²" to fail
+
+
 def _coerce(value, tp, where: str):
     origin = typing.get_origin(tp)
     if origin is typing.Union:
@@ -300,23 +342,26 @@ def _coerce(value, tp, where: str):
         raise DpqError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not (
-                isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
-            raise DpqError(f"{where}: expected an integer, got {value!r}")
+                isinstance(value, int) or (isinstance(value, str) and INTEGER.fullmatch(value.strip()))):
+            raise DpqError(f"{where}: expected an integer, got {_short(value)}")
         return int(value)
     if tp is float:
-        if isinstance(value, bool):
-            raise DpqError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise DpqError(f"{where}: expected a number, got {_short(value)}")
         try:
-            return float(value)  # YAML reads 2e-5 as a string
-        except (TypeError, ValueError):
-            raise DpqError(f"{where}: expected a number, got {value!r}") from None
+            number = float(value)  # YAML reads 2e-5 as a string
+        except (ValueError, OverflowError):
+            raise DpqError(f"{where}: expected a number, got {_short(value)}") from None
+        if not math.isfinite(number):  # NaN passes every bound (its comparisons are all false): refuse it here
+            raise DpqError(f"{where}: expected a finite number, got {_short(value)}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise DpqError(f"{where}: expected text, got {value!r}")
+            raise DpqError(f"{where}: expected text, got {_short(value)}")
         return str(value)
     if tp is list or origin is list:
         if not isinstance(value, list):
-            raise DpqError(f"{where}: expected a list, got {value!r}")
+            raise DpqError(f"{where}: expected a list, got {_short(value)}")
         return value
     return value
 
@@ -328,7 +373,7 @@ def _check_bounds(obj, where: str) -> None:
         name = f"{where}.{f.name}"
         if "choices" in m and v not in m["choices"]:
             shown = [str(c) for c in m["choices"] if c is not None]
-            raise DpqError(f"{name}: one of {', '.join(shown)} (got {v!r}){_did_you_mean(str(v), shown)}")
+            raise DpqError(f"{name}: one of {', '.join(shown)} (got {_short(v)}){_did_you_mean(str(v), shown)}")
         if v is None or isinstance(v, (bool, list, str)):
             continue
         if "min" in m and v < m["min"]:
@@ -344,7 +389,7 @@ def _check_bounds(obj, where: str) -> None:
 def build(cls, values: dict, where: str):
     """Dataclass ``cls`` from ``values``; unknown keys, wrong types and out-of-range values are DpqErrors."""
     if not isinstance(values, dict):
-        raise DpqError(f"{where}: expected a mapping of settings, got {values!r}")
+        raise DpqError(f"{where}: expected a mapping of settings, got {_short(values)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -367,25 +412,122 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_recipe(path: str | os.PathLike, profile: str | None = None, overrides: dict | None = None) -> Recipe:
+MAX_RECIPE_BYTES = 256 << 10  # a recipe is a page or two of settings (the shipped ones: 1-5 KB)
+MAX_YAML_NODES = 100_000  # values after aliases are expanded: a 1 KB "billion laughs" file expands to 10^9
+MAX_YAML_DEPTH = 32
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _expanded(node, depth: int, seen: dict, open_: set) -> tuple[int, int]:
+    """(values, depth) of ``node`` with every alias expanded, counted on the node graph (each node once) so a file
+    whose expansion is huge is measured without building it; a DpqError once a limit is passed."""
+    at = f"line {node.start_mark.line + 1}"
+    if id(node) in open_:
+        raise DpqError(f"{at}: an alias refers to the value that contains it")
+    if id(node) in seen:
+        count, height = seen[id(node)]
+    else:
+        if depth > MAX_YAML_DEPTH:
+            raise DpqError(f"{at}: nested deeper than {MAX_YAML_DEPTH} levels")
+        open_.add(id(node))
+        count, height = 1, 0
+        children = []
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if not (isinstance(key, yaml.ScalarNode) and key.tag in ("tag:yaml.org,2002:str", MERGE_TAG)):
+                    shown = _short(key.value) if isinstance(key, yaml.ScalarNode) else \
+                        "a " + type(key).__name__.removesuffix("Node").lower()
+                    raise DpqError(f"line {key.start_mark.line + 1}: {shown} is not a name "
+                                   "(keys are section and setting names: text)")
+                children.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        for child in children:
+            c, h = _expanded(child, depth + 1, seen, open_)
+            count, height = count + c, max(height, h + 1)
+            if count > MAX_YAML_NODES:
+                raise DpqError(f"{at}: holds more than {MAX_YAML_NODES} values once its YAML aliases are expanded; "
+                               "a recipe is a page of settings")
+        open_.discard(id(node))
+        seen[id(node)] = count, height
+    if depth + height > MAX_YAML_DEPTH:
+        raise DpqError(f"{at}: nested deeper than {MAX_YAML_DEPTH} levels")
+    return count, height
+
+
+class _BoundedLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when built with it
+    """PyYAML's safe loader, measuring the document before building it: aliases share one object per anchor, and
+    ``str()``, ``repr()``, ``asdict`` and the settings hash would each expand a small file into gigabytes."""
+
+    def construct_document(self, node):
+        _expanded(node, 0, {}, set())
+        return super().construct_document(node)
+
+
+def read_yaml(path: Path):
+    """A YAML file read within bounds of size, expansion and depth; every problem is one DpqError naming ``path``."""
     path = Path(path)
-    if not path.is_file():
-        raise DpqError(f"{path}: recipe not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise DpqError(f"{path}: {size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DpqError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise DpqError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)
+    except DpqError as e:
+        raise DpqError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise DpqError(f"{path}: not valid YAML{at}") from None
-    except UnicodeDecodeError:
-        raise DpqError(f"{path}: not UTF-8 text") from None
+    except RecursionError:  # nesting the composer itself cannot follow, before any limit of ours is checked
+        raise DpqError(f"{path}: nested deeper than {MAX_YAML_DEPTH} levels") from None
+    except (ValueError, OverflowError, TypeError) as e:  # a value YAML cannot build, e.g. the date 2024-13-01
+        raise DpqError(f"{path}: not valid YAML ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") \
+            from None
+
+
+def plain_name(value, where: str) -> str:
+    """``value`` if it can name a folder by itself: run folders are made from it, so no path may hide in it."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DpqError(f"{where}: expected a plain name, got {_short(value)}")
+    name = str(value)
+    bad = ("is empty" if not name.strip() else
+           "holds a path separator" if "/" in name or "\\" in name or (os.altsep and os.altsep in name) else
+           "starts with a dot (hidden, or a path: . and ..)" if name.startswith(".") else
+           "holds a control character" if any(ord(c) < 32 or ord(c) == 127 for c in name) else
+           "has spaces at its ends" if name != name.strip() else
+           "is longer than 100 characters" if len(name) > 100 else None)
+    if bad:
+        raise DpqError(f"{where}: {_short(name)} {bad}; give a plain name such as sst2-fast")
+    return name
+
+
+def load_recipe(path: str | os.PathLike, profile: str | None = None, overrides: dict | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise DpqError(f"{path}: recipe not found")
+    raw = read_yaml(path)
+    if raw is None or raw == {}:  # an empty file would silently plan the whole default chain
+        raise DpqError(f"{path}: holds no settings; it would run the whole default chain (write at least its "
+                       "data: section)")
     if not isinstance(raw, dict):
         raise DpqError(f"{path}: a recipe is a mapping of sections (data, teacher, distill, …)")
     profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise DpqError(f"{path}: profiles: a mapping of profile names to sections, got {_short(profiles)}")
     if profile is not None:
         if profile not in profiles:
             raise DpqError(f"{path}: no profile '{profile}' (has: {', '.join(profiles) or 'none'})")
-        raw = _merge(raw, profiles[profile] or {})
+        plain_name(profile, f"{path}: profile")  # it names the run folder too
+        chosen = profiles[profile] or {}
+        if not isinstance(chosen, dict):
+            raise DpqError(f"{path}: profiles.{profile}: expected a mapping of sections, got {_short(chosen)}")
+        raw = _merge(raw, chosen)
     raw = _merge(raw, overrides or {})
     if isinstance(raw.get("data"), str):
         raw["data"] = {"path": raw["data"]}
@@ -395,13 +537,18 @@ def load_recipe(path: str | os.PathLike, profile: str | None = None, overrides: 
             raise DpqError(f"{path}: unknown section '{key}'{_did_you_mean(key, sections | {'profiles'})}")
     device = raw.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
-        raise DpqError(f"{path}: device: must be auto, cpu or cuda (got {device!r})")
-    recipe = Recipe(name=str(raw.get("name", path.stem)), device=device)
-    recipe.data = build(DataSettings, raw.get("data", {}) or {}, "data")
-    for name, cls in STAGES.items():
-        setattr(recipe, name, build(cls, raw.get(name, {}) or {}, name))
-    recipe.target = build(TargetSettings, raw.get("target", {}) or {}, "target")
-    check_recipe(recipe)
+        raise DpqError(f"{path}: device: must be auto, cpu or cuda (got {_short(device)})")
+    name = plain_name(raw["name"], f"{path}: name") if "name" in raw else \
+        plain_name(path.stem, f"{path}: name (from the file name; set name: in the recipe)")
+    recipe = Recipe(name=name, device=device)
+    try:
+        recipe.data = build(DataSettings, raw.get("data", {}) or {}, "data")
+        for name, cls in STAGES.items():
+            setattr(recipe, name, build(cls, raw.get(name, {}) or {}, name))
+        recipe.target = build(TargetSettings, raw.get("target", {}) or {}, "target")
+        check_recipe(recipe)
+    except DpqError as e:  # which file, as for every other mistake in it
+        raise DpqError(f"{path}: {e}") from None
     return recipe
 
 

@@ -5,7 +5,9 @@ calls it.
 names, and the skip keys of the commands and the benchmarks all come from here. A stage's artifact is keyed by
 ``stage_key()``: its settings, its fan-out choice (quantization method, export precision), the data, and the
 identity of each input: the settings hash of the dpq artifact it reads (the key that made it), or the path or id of
-a plain model. Equal keys: the artifact is reused.
+a plain model. Its ``contents`` hold what a path cannot say: the sha256 of each local data file and the hash of each
+local plain model folder's weights and config, so a file edited or replaced in place re-runs what read it (hub ids
+are keyed by id). Equal keys: the artifact is reused.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import artifacts
+from .data import data_content
 from .errors import DpqError
 from .quant import methods
 from .recipe import (
@@ -32,6 +35,8 @@ from .teachers import require_extra_teachers, teacher_key
 
 # settings that list a stage's fan-out (one stage per entry): a single stage is keyed by its own entry instead
 FANOUT_LISTS = ("methods", "precisions", "unpruned_methods", "unpruned_precisions")
+# settings that name the model a stage starts from (teacher.model, distill.student): a local folder, by its files
+MODEL_SETTINGS = ("model", "student")
 
 
 def identity(source, *, contents: bool = False) -> str:
@@ -46,9 +51,19 @@ def identity(source, *, contents: bool = False) -> str:
     return teacher_key(Path(source), "", 0) if contents and Path(source).is_dir() else str(source)
 
 
+def model_content(source) -> str | None:
+    """The hash of a local model folder's weights and config (``teacher_key``, as the teacher-logits cache keys it),
+    else None: a hub or packaged id is keyed by its name, a planned stage by its key."""
+    if source is None or isinstance(source, dict):
+        return None
+    path = Path(str(source)).expanduser()
+    return teacher_key(path, "", 0) if path.is_dir() else None
+
+
 def stage_key(settings, *, data: dict | None = None, choice: dict | None = None, inputs: dict | None = None) -> dict:
     """``inputs``: each input folder's source; for a list-of-folders setting (``folders`` in its metadata, e.g.
-    ``extra_teachers``) the sources of its entries, by default the entries themselves."""
+    ``extra_teachers``) the sources of its entries, by default the entries themselves. ``data``: the data section
+    (its local files' content is added to ``contents``)."""
     key = dataclasses.asdict(settings)
     inputs = dict(inputs or {})
     for f in dataclasses.fields(settings):
@@ -63,11 +78,38 @@ def stage_key(settings, *, data: dict | None = None, choice: dict | None = None,
         for f in FANOUT_LISTS:
             key.pop(f, None)
         key.update(choice)
+    contents = {}
     if data is not None:
         key["data"] = data
+        files = data_content(data["path"]) if data.get("path") else None
+        if files is not None:
+            contents["data"] = files
+    for name in MODEL_SETTINGS:
+        if name in key and name not in inputs and (c := model_content(key[name])) is not None:
+            contents[name] = c
     for name, source in inputs.items():
         key[name] = None if source is None else identity(source)
+        if key[name] == str(source) and (c := model_content(source)) is not None:  # a plain folder, no manifest
+            contents[name] = c
+    if contents:  # absent when nothing is local, so keys of hub data and hub models stay as they were
+        key["contents"] = contents
     return key
+
+
+def describe_change(old: dict, new: dict) -> str:
+    """Why a stage whose key changed from ``old`` to ``new`` runs again: "data changed" or "model changed" when the
+    content of a file it reads differs (the same path), then the settings that differ."""
+    was, now = old.get("contents") or {}, new.get("contents") or {}
+    reasons = ["data changed"] if was.get("data") != now.get("data") else []
+    models = sorted(k for k in set(was) | set(now) if k != "data" and was.get(k) != now.get(k))
+    if models:
+        reasons.append("model changed" + (f" ({', '.join(models)})" if models != ["model"] else ""))
+    if now and "contents" not in old:  # sealed by a dpq that keyed files by their path: nothing is known changed
+        reasons = ["keyed by the content of its data and model files now (was by their path)"]
+    changed = sorted(k for k in set(old) | set(new) if k != "contents" and old.get(k) != new.get(k))
+    if changed or not reasons:
+        reasons.append(f"settings changed: {', '.join(changed) or 'format'}")
+    return "; ".join(reasons)
 
 
 def always(choice: dict) -> bool:

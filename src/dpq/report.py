@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import subprocess
 from pathlib import Path
 
-from . import artifacts, cards
+from . import artifacts, cards, locks
 from .errors import DpqError
 from .extras import require
 
@@ -283,18 +284,70 @@ def _commit() -> str | None:
 
 def target_of(run_dir: Path, overrides: dict | None = None) -> dict:
     """The run's target (its recipe.yaml's ``target:`` section) with ``overrides`` on top, as bounds."""
-    import yaml
-
-    from .recipe import TargetSettings, build
+    from .recipe import TargetSettings, build, read_yaml
 
     raw = {}
     recipe = Path(run_dir) / "recipe.yaml"
     if recipe.is_file():
         try:
-            raw = (yaml.safe_load(recipe.read_text()) or {}).get("target") or {}
-        except (yaml.YAMLError, AttributeError):
+            raw = (read_yaml(recipe) or {}).get("target") or {}  # bounded: the file may have been edited
+        except AttributeError:
             raise DpqError(f"{recipe}: not a dpq recipe (its target: section cannot be read)") from None
     return build(TargetSettings, {**raw, **(overrides or {})}, "target").bounds()
+
+
+def _number(v, low: float = 0.0, high: float = math.inf, above: bool = False) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and (v > low if above else v >= low) and v <= high)
+
+
+# what the report and the cards read of each row: (test, what it must be); a row may hold more
+ROW_FIELDS = {"name": (lambda v: isinstance(v, str) and bool(v.strip()), "a name"),
+              "runtime": (lambda v: isinstance(v, str), "text"),
+              "accuracy": (lambda v: _number(v, high=1), "a number from 0 to 1"),
+              "params": (lambda v: _number(v), "a number >= 0"),
+              "size_mb": (lambda v: _number(v, above=True), "a number > 0"),
+              "gflops": (lambda v: _number(v), "a number >= 0")}
+OPTIONAL_FIELDS = {"heldout_accuracy": (lambda v: v is None or _number(v, high=1), "a number from 0 to 1"),
+                   "stage": (lambda v: isinstance(v, str), "text"), "split": (lambda v: isinstance(v, str), "text"),
+                   "hardware": (lambda v: isinstance(v, dict), "a mapping"),
+                   "artifact": (lambda v: v is None or isinstance(v, str), "text")}
+
+
+def read_results(path: Path) -> list[dict]:
+    """The evaluation's rows, checked for what the report computes with: a file edited by hand (or cut short) is
+    refused in one line naming it and the row, not met by a traceback halfway through the tables."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DpqError(f"{path}: not valid JSON") from None
+    except OSError as e:
+        raise DpqError(f"{path}: cannot be read ({e.strerror})") from None
+    if not isinstance(results, list):
+        raise DpqError(f"{path}: expected a list of evaluation rows (as `dpq evaluate` writes), got "
+                       f"{type(results).__name__}")
+    if not results:
+        raise DpqError(f"{path}: holds no models")
+    names = set()
+    for i, row in enumerate(results, 1):
+        if not isinstance(row, dict):
+            raise DpqError(f"{path}: row {i} is not a mapping of measurements")
+        label = f"row {i}" + (f" ({row['name']})" if isinstance(row.get("name"), str) else "")
+        for key, (ok, what) in ROW_FIELDS.items():
+            if key not in row:
+                raise DpqError(f"{path}: {label} has no {key}")
+            if not ok(row[key]):
+                raise DpqError(f"{path}: {label}: {key} must be {what}, got {json.dumps(row[key])[:60]}")
+        for key, value in row.items():
+            ok, what = OPTIONAL_FIELDS.get(key, (None, None))
+            if LATENCY.fullmatch(key):
+                ok, what = (lambda v: _number(v, above=True)), "a number > 0 (ms)"
+            if ok is not None and not ok(value):
+                raise DpqError(f"{path}: {label}: {key} must be {what}, got {json.dumps(value)[:60]}")
+        if row["name"] in names:
+            raise DpqError(f"{path}: {label}: a second row of the same name")
+        names.add(row["name"])
+    return results
 
 
 def write_report(run_dir: Path, target: dict | None = None) -> Path:
@@ -303,12 +356,7 @@ def write_report(run_dir: Path, target: dict | None = None) -> Path:
     results_path = run_dir / "evaluation" / "results.json"
     if not results_path.is_file():
         raise DpqError(f"{run_dir}: no evaluation/results.json (run `dpq run` on a recipe first)")
-    try:
-        results = json.loads(results_path.read_text())
-    except json.JSONDecodeError:
-        raise DpqError(f"{results_path}: not valid JSON") from None
-    if not results:
-        raise DpqError(f"{results_path}: holds no models")
+    results = read_results(results_path)
     require("report", "the report's plots")
     rows = build_rows(results)
     bounds = target_of(run_dir, target)
@@ -320,7 +368,8 @@ def write_report(run_dir: Path, target: dict | None = None) -> Path:
     hardware = results[0].get("hardware", {})
     out = run_dir / "report"
     settings = {"results": artifacts.sha256_file(results_path), "target": bounds}
-    with artifacts.artifact_dir(out, kind="report", settings=settings) as tmp:
+    # the run's lock covers report/: refused while a run or another report writes it (a no-op inside `dpq run`)
+    with locks.hold(out), artifacts.artifact_dir(out, kind="report", settings=settings) as tmp:
         figures = plots(rows, fronts, tmp, rec)
         md = (f"# {run_dir.resolve().name}: compressed models next to the teacher\n\n"
               + recommendation_text(rec, rows, hardware) + "\n" + markdown(rows, fronts, hardware))

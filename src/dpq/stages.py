@@ -19,7 +19,7 @@ from torch import nn
 
 from . import artifacts, cards, devices, measure, models, prune
 from .data import TextData, encode_split, pad_ids
-from .distill import KDConfig, KDLoss, make_weighting
+from .distill import KDConfig, KDLoss, check_same_tokens, make_weighting
 from .errors import DpqError
 from .onnx import runtime
 from .recipe import DistillSettings, EvaluateSettings, PruneSettings, TrainSettings
@@ -33,20 +33,25 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def check_writable(out: Path) -> None:
-    """Fail before any training if the output folder cannot be written."""
+def check_writable(out: Path, *, create: bool = True) -> None:
+    """Fail before any training if the output folder cannot be written. ``create``: also make the folders above it
+    (a stage starting its work); without, only look, as the checks made before any input is read do."""
     out = Path(out)
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DpqError(f"{parent}: cannot create output folder ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise DpqError(f"{parent}: output folder is not writable")
     if out.exists() and not out.is_dir():
         raise DpqError(f"{out}: exists and is not a folder")
     if out.is_dir() and not os.access(out, os.W_OK):
         raise DpqError(f"{out}: output folder is not writable")
+    parent = out.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())  # what will hold the folders to make
+    if not existing.is_dir():
+        raise DpqError(f"{existing}: not a folder, so {out} cannot be made")
+    if not os.access(existing, os.W_OK):
+        raise DpqError(f"{existing}: output folder is not writable")
+    if create:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DpqError(f"{parent}: cannot create output folder ({e.strerror})") from None
 
 
 def require_teacher(teacher_dir: Path) -> None:
@@ -111,6 +116,7 @@ def finetune_stage(settings: TrainSettings, model_id: str, data: TextData, out: 
     check_writable(out)
     set_seed(settings.seed)  # the new classification head's initialisation belongs to the seed too
     model, tok = models.load_classifier(model_id, label_names=data.label_names)
+    models.check_max_length(model, settings.max_length, model_id)
     check_space(out, model)
     train_split = data.split("train").subset(settings.max_train_samples, settings.seed)
     train_set = encode_split(train_split, tok, settings.max_length)
@@ -195,6 +201,9 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
     teacher.eval().requires_grad_(False)
     set_seed(settings.seed)  # a fresh head (or projections) must not depend on what ran before in this process
     student, s_tok = models.load_classifier(student_id, label_names=data.label_names, eager_attention=eager)
+    for model, name in ((teacher, teacher_dir), (student, student_id)):  # both read every sentence at max_length
+        models.check_max_length(model, settings.max_length, str(name))
+    check_same_tokens(kd_cfg, s_tok, t_tok, data.split("train").texts)
     if out is not None:
         check_space(out, student)
     teachers = [str(teacher_dir), *map(str, extras)] + ([str(student_id)] if ensemble_with_student else [])

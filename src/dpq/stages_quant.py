@@ -91,6 +91,7 @@ def ptq_stage(settings: QuantizeSettings, method: str, model_dir: Path, data: Te
     meta = _meta(settings, method, model_dir)
     t0 = time.time()
     model, tok = models.load_classifier(str(model_dir))
+    models.check_max_length(model, settings.max_length, str(model_dir))
     model.eval().to(devices.device())  # GPTQ's Hessians and layer passes are the slow part: on the GPU if any
     dev = encode_split(data.split("dev"), tok, settings.max_length)
     before = measure.evaluate_model(model, dev, pad_ids(tok))

@@ -5,6 +5,7 @@ their softened distributions become the KD target(s) of a batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import artifacts, devices, measure, models
-from .data import EncodedSplit, pad_id, tokenize
+from .data import EncodedSplit, file_digest, pad_id, tokenize
 from .distill import ensemble_logits
 from .errors import DpqError
 from .onnx.runtime import is_onnx_folder
@@ -39,7 +40,7 @@ def teacher_key(teacher_dir: Path, train_fingerprint: str, max_length: int) -> s
         files = manifest.get("files")
     else:
         folder = Path(teacher_dir)
-        files = {p.name: artifacts.sha256_file(p) for p in sorted(folder.glob("*"))
+        files = {p.name: file_digest(p) for p in sorted(folder.glob("*"))
                  if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()} if folder.is_dir() else str(folder)
     blob = json.dumps([files, train_fingerprint, max_length], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -59,7 +60,8 @@ def _read_cached_logits(path: Path, name: str, rows: int) -> torch.Tensor | None
     except (OSError, ValueError, SafetensorError) as e:
         log.warning("teacher-logits cache entry %s is damaged or stale (%s); recomputing it", path,
                     str(e).splitlines()[0][:100])
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only cache keeps it; the logits are recomputed all the same
+            path.unlink(missing_ok=True)
         return None
 
 
@@ -80,20 +82,33 @@ def cached_teacher_logits(teacher, teacher_dir: Path, train_set, train_fingerpri
             log.info("teacher logits from cache %s", path)
         else:
             logits = compute()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file({"logits": logits.contiguous()}, tmp, metadata={"key": name})
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            _store_logits(path, name, logits)
     devices.barrier()
     if logits is None:
         logits = _read_cached_logits(path, name, len(train_set))
         if logits is None:  # a cache folder not shared with the main process (another node)
             logits = compute()
     return logits
+
+
+def _store_logits(path: Path, name: str, logits: torch.Tensor) -> None:
+    """Cache ``logits`` under a unique name, renamed into place. A cache that cannot take them (full, over quota,
+    read-only, not a folder) costs one warning, not the stage: the logits are in memory, a later run recomputes."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        save_file({"logits": logits.contiguous()}, tmp, metadata={"key": name})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:100]
+        log.warning("teacher logits not cached in %s (%s); using them from memory ($DPQ_CACHE sets the cache)",
+                    path.parent, why)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
 
 
 def _compute_logits(teacher, train_set, pads: dict, key: str) -> torch.Tensor:
@@ -115,18 +130,29 @@ def _compute_logits_int8(teacher, teacher_dir: Path, train_set, pads: dict, key:
     from .onnx import export, int8, runtime
 
     require("onnx", "teacher_logits: onnx-int8")
-    folder = models.cache_dir() / "teacher-onnx"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{teacher_key(teacher_dir, '', 0)}-int8.onnx"
-    if not path.is_file():
-        log.info("building the teacher's int8 ONNX file for its logits (once per teacher) -> %s", path)
+
+    def build(folder: Path, path: Path) -> None:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             fp32 = export.export_onnx(teacher.cpu().eval(), Path(tmp) / "fp32.onnx")
             int8.int8_onnx(fp32, Path(tmp) / "int8.onnx")
             os.replace(Path(tmp) / "int8.onnx", path)
+
+    folder = models.cache_dir() / "teacher-onnx"
+    path = folder / f"{teacher_key(teacher_dir, '', 0)}-int8.onnx"
+    try:
+        if not path.is_file():
+            log.info("building the teacher's int8 ONNX file for its logits (once per teacher) -> %s", path)
+            folder.mkdir(parents=True, exist_ok=True)
+            build(folder, path)
+        session = runtime.ort_session(path, threads=torch.get_num_threads())
+    except OSError as e:  # a cache that cannot take the file: build it in the system's temporary folder, once
+        log.warning("teacher's int8 ONNX file not cached in %s (%s); building it in a temporary folder",
+                    folder, e.strerror or e)
+        with tempfile.TemporaryDirectory() as tmp:
+            build(Path(tmp), Path(tmp) / "int8.onnx")
+            session = runtime.ort_session(Path(tmp) / "int8.onnx", threads=torch.get_num_threads())
     log.info("computing teacher logits for %d training examples with the int8 ONNX teacher (cached for later runs)",
              len(train_set))
-    session = runtime.ort_session(path, threads=torch.get_num_threads())
     return measure.collect_logits(lambda ids, mask: runtime.ort_logits(session, ids, mask), train_set, pads,
                                   batch_size=64, key=key)
 
@@ -174,6 +200,7 @@ def extra_teacher_logits(folder: Path, train_split, max_length: int, label_names
     teacher's are, so a folder that is the main teacher of another run shares the cache entry."""
     model, tok = models.load_classifier(str(folder))
     check_classes(model, folder, label_names, "extra teacher")
+    models.check_max_length(model, max_length, f"extra teacher {folder}")
     ids, _ = tokenize(tok, train_split.texts, max_length)
     own = EncodedSplit(ids, list(train_split.labels), {"teacher_input_ids": ids})
     return cached_teacher_logits(model.eval().requires_grad_(False), Path(folder), own, train_split.fingerprint(),

@@ -359,11 +359,42 @@ def auto_map(base: str) -> dict[str, str]:
             "AutoModelForSequenceClassification": f"{module}.Dpq{model_name}"}
 
 
-def register(bases=("bert", "roberta", "xlm-roberta", "electra", "mpnet", "distilbert")) -> None:
-    """Make ``AutoConfig``, ``AutoModelForSequenceClassification`` and pipelines load ``dpq-<base>`` folders."""
+# registered eagerly where transformers' config table cannot be asked lazily (its private layout changed)
+FALLBACK_BASES = ("bert", "roberta", "xlm-roberta", "electra", "mpnet", "distilbert")
+
+
+def register_type(model_type: str) -> bool:
+    """Register the classes of ``dpq-<base>`` with the Auto classes; False when it names no base transformers has a
+    single sequence classifier for."""
+    if not isinstance(model_type, str) or not model_type.startswith(PREFIX):
+        return False
+    try:
+        config_cls, model_cls = classes(model_type.removeprefix(PREFIX))
+    except (UnsupportedArchitecture, AttributeError, ImportError):
+        return False
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    for base in bases:
-        config_cls, model_cls = classes(base)
-        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModelForSequenceClassification.register(config_cls, model_cls, exist_ok=True)
+    AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    AutoModelForSequenceClassification.register(config_cls, model_cls, exist_ok=True)
+    return True
+
+
+class _TypesOnDemand(dict):
+    """The config table's registered types, which also answer for any ``dpq-<base>`` when first asked: so a folder
+    dpq writes for any base transformers knows loads, without importing a hundred modeling files up front."""
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, key) or (isinstance(key, str) and key.startswith(PREFIX) and register_type(key))
+
+
+def register() -> None:
+    """Make ``AutoConfig``, ``AutoModelForSequenceClassification`` and pipelines load ``dpq-<base>`` folders, for every
+    base as its folder is first read."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    extra = getattr(CONFIG_MAPPING, "_extra_content", None)
+    if type(extra) is dict:
+        CONFIG_MAPPING._extra_content = _TypesOnDemand(extra)
+    elif not isinstance(extra, _TypesOnDemand):
+        for base in FALLBACK_BASES:
+            register_type(PREFIX + base)

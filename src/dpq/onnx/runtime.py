@@ -44,20 +44,18 @@ def is_onnx_folder(folder: Path) -> bool:
 
 
 def load_onnx_folder(folder: Path, threads: int | None = None):
-    """(session, config, tokenizer, export info) of an exported folder; checksums verified when it has a manifest."""
-    import json
-
-    from transformers import AutoConfig
-
+    """(session, config, tokenizer, export info) of an exported folder; every file its manifest lists is verified
+    when it has one."""
     from .. import artifacts, models
 
     folder = Path(folder)
     require("onnx", f"{folder}: running an ONNX export")
     if artifacts.is_complete(folder):
-        artifacts.verify(folder, ["model.onnx"])
-    info = json.loads((folder / "export.json").read_text())
-    config = AutoConfig.from_pretrained(folder)
+        artifacts.verify(folder)
+    info = read_export_info(folder)
+    config = models.load_config(str(folder))
     tokenizer = models.load_tokenizer(str(folder))
+    models.check_tokenizer(tokenizer, config, str(folder))
     try:
         session = ort_session(folder / "model.onnx", threads=threads,
                               disabled_optimizers=info.get("ort_disabled_optimizers", ()))
@@ -65,6 +63,25 @@ def load_onnx_folder(folder: Path, threads: int | None = None):
         raise DpqError(f"{folder / 'model.onnx'}: ONNX Runtime cannot load it "
                        f"({str(e).splitlines()[0][:160]})") from None
     return session, config, tokenizer, info
+
+
+def read_export_info(folder: Path) -> dict:
+    """``export.json``, refused in one line when it is cut short or not the mapping an export writes."""
+    import json
+
+    path = Path(folder) / "export.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DpqError(f"{path}: not valid JSON ({str(e)[:120]}); the file is damaged or cut short") from None
+    if not isinstance(info, dict):
+        raise DpqError(f"{path}: holds a JSON {type(info).__name__}, not an export's description (an object)")
+    disabled = info.get("ort_disabled_optimizers", [])
+    if not isinstance(disabled, list) or not all(isinstance(x, str) for x in disabled):
+        raise DpqError(f"{path}: ort_disabled_optimizers is {disabled!r}, not a list of optimizer names")
+    if not isinstance(info.get("runtime_ops", {}), dict) or not isinstance(info.get("runtime", ""), str):
+        raise DpqError(f"{path}: runtime or runtime_ops is not what an export writes; the file was edited")
+    return info
 
 
 # shapes are known, as in the attention-fused int8 graphs, so the export times the session with it disabled too

@@ -20,6 +20,49 @@ from ..errors import DpqError
 from .fake import QTensor, has_fp16_scales, pack_int4, unpack_int4
 
 FILE = "model.quant.safetensors"
+BITS = (4, 8)
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _tensor_problem(name: str, info) -> str | None:
+    if not isinstance(info, dict):
+        return f"tensors.{name} is a {type(info).__name__}, not a mapping"
+    shape = info.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(map(_positive_int, shape))):
+        return f"tensors.{name}.shape is {shape!r}, not [rows, columns]"
+    if info.get("bits") not in BITS:
+        return f"tensors.{name}.bits is {info.get('bits')!r}, not 4 or 8"
+    if not _positive_int(info.get("group_size")):
+        return f"tensors.{name}.group_size is {info.get('group_size')!r}, not a positive integer"
+    return None
+
+
+def section_problem(quant) -> str | None:
+    """What is wrong with a ``dpq_quant`` section (None: nothing): the fields the loaders and exports read."""
+    if not isinstance(quant, dict):
+        return f"is a {type(quant).__name__}, not a mapping"
+    if "bits" in quant and quant["bits"] not in BITS:  # the stages write it; a hand-made section may leave it out
+        return f"bits is {quant['bits']!r}, not 4 or 8"
+    if "group_size" in quant and not _positive_int(quant["group_size"]):
+        return f"group_size is {quant['group_size']!r}, not a positive integer"
+    tensors = quant.get("tensors")
+    if not isinstance(tensors, dict):
+        return f"tensors is {type(tensors).__name__}, not a mapping of quantized tensors"
+    return next((p for name, info in tensors.items() if (p := _tensor_problem(name, info))), None)
+
+
+def check_section(config, where) -> None:
+    """Refuse in one line a config whose ``dpq_quant`` does not say what its packed file holds, before any loader
+    indexes into it."""
+    quant = getattr(config, "dpq_quant", None)
+    if quant is None:
+        return
+    problem = section_problem(quant)
+    if problem:
+        raise DpqError(f"{where}: dpq_quant {problem}; the config is damaged or was edited by hand")
 
 
 def _pack(t: torch.Tensor, bits: int) -> torch.Tensor:
@@ -53,6 +96,8 @@ def save_packed(model: torch.nn.Module, qweights: dict[str, QTensor], folder: Pa
 def load_qtensors(folder: Path, quant_cfg: dict) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
     """(quantized weights, every other tensor) from ``FILE``; refuses a file that does not match its config."""
     path = Path(folder) / FILE
+    if problem := section_problem(quant_cfg):
+        raise DpqError(f"{Path(folder) / 'config.json'}: dpq_quant {problem}; the config is damaged or was edited")
     try:
         raw = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
