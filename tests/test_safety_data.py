@@ -169,6 +169,12 @@ def test_keys_hold_local_files_content_and_hub_ids_as_before(tmp_path, tiny_mode
     assert describe_change(dict(key, contents={}), key) == "data changed; model changed"
     assert describe_change({k: v for k, v in key.items() if k != "contents"}, key).startswith("keyed by the content")
 
+    copy = shutil.copytree(tiny_models["student"], tmp_path / "student-copy")
+    before = teacher_key(copy, "", 0)
+    with open(copy / "vocab.txt", "a") as f:  # a tokenizer whose only file is vocab.txt, edited in place
+        f.write("newword\n")
+    assert teacher_key(copy, "", 0) != before
+
     hub = dataclasses.asdict(DataSettings(path="nyu-mll/glue:sst2"))
     for settings in (TeacherSettings(), DistillSettings()):  # hub models: all-mpnet-base-v2, all-MiniLM-L6-v2
         key = stage_key(settings, data=hub)

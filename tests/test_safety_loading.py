@@ -205,18 +205,45 @@ def test_a_model_without_its_tokenizer_or_with_foreign_weights_is_refused(capsys
 
 def test_hidden_state_distillation_across_tokenizers_is_refused(tiny_models, tmp_path, sst2_slice):
     vocab = _vocab(sst2_slice)
-    other = make_tiny(tmp_path / "other", SPECIALS + vocab[len(SPECIALS):][::-1], hidden=48, layers=4, seed=2)
+    words = vocab[len(SPECIALS):]
+    other = make_tiny(tmp_path / "other", SPECIALS + words[1::2], hidden=48, layers=4, seed=2)  # half the words: [UNK]
     teacher = sealed(other, tmp_path / "teacher", "teacher")
     out = tmp_path / "distilled"
     refused(dpq_cmd("distill", "--teacher", teacher, "--student", tiny_models["student"], "--hidden-weight", "1",
-                    "--data", sst2_slice, "--out", out, *FAST), "tokenizers differ", "hidden_weight")
+                    "--data", sst2_slice, "--out", out, *FAST), "split the training sentences differently",
+            "hidden_weight")
     assert not out.exists()
 
     s_tok = models.load_tokenizer(str(tiny_models["student"]))
-    same = models.load_tokenizer(str(copy_model(tiny_models["student"], tmp_path / "same-vocab-elsewhere")))
+    hidden = KDConfig(hidden_weight=1.0, attention_weight=1.0)
     texts = ["a charming journey", "bleak and tired"]
-    check_same_tokens(KDConfig(hidden_weight=1.0, attention_weight=1.0), s_tok, same, texts)  # by content, not path
+    same = models.load_tokenizer(str(copy_model(tiny_models["student"], tmp_path / "same-vocab-elsewhere")))
+    check_same_tokens(hidden, s_tok, same, texts)  # by content, not path
+    renumbered = make_tiny(tmp_path / "renumbered", SPECIALS + words[::-1], seed=4)  # same pieces, other ids
+    check_same_tokens(hidden, s_tok, models.load_tokenizer(str(renumbered)), texts)
+    unknown = r"\(\"a charming journey\": token \d is '\w+' for the student, '<unk>' for the teacher\)"
+    with pytest.raises(DpqError, match=unknown):
+        check_same_tokens(hidden, s_tok, models.load_tokenizer(str(other)), texts)
     check_same_tokens(KDConfig(), s_tok, models.load_tokenizer(str(other)), texts)  # logit KD needs no shared tokens
+
+
+def test_run_refuses_what_a_later_stage_cannot_take_before_the_teacher_trains(tmp_path, tiny_models, sst2_slice):
+    """Hidden-state KD across tokenizers, a student max_length past its positions: said before the teacher trains."""
+    vocab = _vocab(sst2_slice)
+    other = make_tiny(tmp_path / "other", SPECIALS + vocab[len(SPECIALS):][1::2], seed=3)  # half the words: [UNK]
+    small = dict(epochs=1, max_train_samples=16, batch_size=16)
+    for name, distill, needles in (
+            ("tokens", dict(student=str(other), hidden_weight=1.0), ("split the training sentences", "hidden_weight")),
+            ("positions", dict(student=str(tiny_models["student"]), max_length=200),
+             ("distill.max_length 200", "position limit (128 tokens)"))):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(json.dumps({"name": name, "data": str(sst2_slice), "baseline": {"enabled": False},
+                                      "teacher": dict(small, model=str(tiny_models["teacher"]), max_length=32),
+                                      "distill": dict(small, **distill), "prune": {"enabled": False},
+                                      "quantize": {"enabled": False}, "export": {"enabled": False}}))
+        run = tmp_path / f"run-{name}"
+        refused(dpq_cmd("run", recipe, "--out", run), *needles)
+        assert not run.exists()  # nothing trained, nothing written
 
 
 # ----------------------------------------------------------------------------- items 12 and 13: one line, exit 2

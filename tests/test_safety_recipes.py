@@ -270,6 +270,16 @@ def test_evaluate_json_that_cannot_be_written_is_refused_before_evaluating(finis
                  str(finished_teacher / "config.json")])
     assert code == 2 and "inside the model folder" in capsys.readouterr().err
     assert digest(finished_teacher) == before
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')  # the user's own file under the name given: never overwritten
+    code = main(["evaluate", str(finished_teacher), "--data", str(sst2_slice), "--json", str(notes)])
+    assert code == 2 and "not an earlier `dpq evaluate --json` file" in capsys.readouterr().err
+    assert notes.read_text() == '{"mine": true}'
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"name": "old", "runtime": "torch-fp32"}]))  # dpq's own earlier rows: replaced
+    assert main(["evaluate", str(finished_teacher), "--data", str(sst2_slice), "--json", str(rows),
+                 "--latency-repeats", "1", "--warmup", "0"]) == 0
+    assert [r["name"] for r in json.loads(rows.read_text())] == [finished_teacher.name]
 
 
 def _run_with_results(tmp_path, rows) -> Path:

@@ -267,11 +267,23 @@ def _check_json_out(path: Path, models: list[Path]) -> None:
     inside = next((m for m in models if where.is_relative_to(m.resolve())), None)
     if inside is not None:  # a model's own config.json or manifest overwritten by its measurements
         raise DpqError(f"--json {path}: inside the model folder {inside}; write the rows elsewhere")
+    if path.is_file() and not _is_evaluate_json(path):
+        raise DpqError(f"--json {path}: exists and is not an earlier `dpq evaluate --json` file; dpq overwrites only "
+                       "what it wrote: choose another name")
     parent = next(p for p in where.parents if p.exists())
     if not parent.is_dir():
         raise DpqError(f"--json {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK):
         raise DpqError(f"--json {path}: {parent} is not writable")
+
+
+def _is_evaluate_json(path: Path) -> bool:
+    """What ``dpq evaluate --json`` writes: a list of rows, each naming its model and runtime."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and {"name", "runtime"} <= r.keys() for r in rows)
 
 
 COMMANDS = {"run": _cmd_run, "evaluate": _cmd_evaluate, "report": _cmd_report, "predict": _cmd_predict}

@@ -368,6 +368,13 @@ def _check_loaded(model, model_id: str, info: dict, head_classes: int) -> None:
                    f"{'; '.join(found)}; dpq neither trains an encoder from random values nor drops part of one")
 
 
+def meta_model(model_id: str, src: str | None = None):
+    """The model's modules with no storage (torch's meta device): its shapes and embeddings to read limits from,
+    at no cost in memory or time."""
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(load_config(model_id, src))
+
+
 def build_classifier(config, eager_attention: bool = False):
     """An untrained model with the shapes ``config`` records: pruned layer sizes, a trimmed vocabulary."""
     model = AutoModelForSequenceClassification.from_config(

@@ -123,6 +123,7 @@ def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | N
     check_writable(run_dir, create=False)
     if todo:
         pipe.data()  # the data is read (and refused, if it must be) before the run folder, its recipe or a lock
+        _check_models(recipe, pipe.plan(), pipe.data())
     devices.barrier()  # every process has looked at the run folder before the main one writes into it
     with locks.hold(run_dir, covers_inside=True):
         if devices.is_main():
@@ -176,6 +177,41 @@ def _check_run_outputs(recipe: Recipe, run_dir: Path, steps: list[registry.Step]
             if Path(model).expanduser().is_dir():
                 resolve(model)
     return todo
+
+
+# which recipe sections' stages read which models: (section, the models their max_length must fit, KD)
+_MODEL_READERS = (("teacher", ("teacher",), False), ("baseline", ("student",), False),
+                  ("distill", ("teacher", "student"), True), ("prune", ("teacher", "student"), True),
+                  ("quantize", ("teacher", "student"), True))
+
+
+def _check_models(recipe: Recipe, steps: list[registry.Step], data: TextData) -> None:
+    """What a later stage would otherwise find only after the stages before it trained: a ``max_length`` above a
+    model's position limit, hidden-state or attention KD between models whose tokenizers differ. Checked for the
+    local and packaged models (a hub id is fetched by its own stage, and checked there)."""
+    from . import models
+    from .distill import check_same_tokens
+    from .quant import methods
+    from .stages import kd_config
+
+    running = {s.name for s in steps if stage_status(s.out, s.key)[0]}
+    ids = {"teacher": recipe.teacher.model, "student": recipe.distill.student}
+    local = {k: src for k, v in ids.items() if Path(src := models.resolve(v)).is_dir()}
+    limits = {k: models.position_limit(models.meta_model(ids[k], src)) for k, src in local.items()}
+    for section, readers, kd in _MODEL_READERS:
+        names = [n for n in running if n == section or n.startswith(section + "-")]
+        if not names:
+            continue
+        if section == "quantize" and not any(n.split("-")[1] in methods.TRAINED for n in names):
+            readers, kd = ("student",), False  # post-training methods read the student alone
+        settings = getattr(recipe, section)
+        for who in readers:
+            if (limit := limits.get(who)) is not None and settings.max_length > limit:
+                raise DpqError(f"{section}.max_length {settings.max_length} is above {ids[who]}'s position limit "
+                               f"({limit} tokens): set it to at most {limit}")
+        if kd and "teacher" in readers and local.keys() >= {"teacher", "student"}:
+            check_same_tokens(kd_config(settings), models.load_tokenizer(ids["student"]),
+                              models.load_tokenizer(ids["teacher"]), data.split("train").texts)
 
 
 def _sha256(data: bytes) -> str:

@@ -247,7 +247,7 @@ def kd_session(settings, kd_cfg: KDConfig, teacher_dir: Path, student_id: str, d
                      targets, teachers)
 
 
-def _kd_config(settings) -> KDConfig:
+def kd_config(settings) -> KDConfig:
     return KDConfig(temperature=settings.temperature, alpha=settings.alpha, hidden_weight=settings.hidden_weight,
                     attention_weight=settings.attention_weight, layer_map=settings.layer_map)
 
@@ -256,7 +256,7 @@ def distill_stage(settings: DistillSettings, teacher_dir: Path, data: TextData, 
                   stage_settings: dict, hooks: Sequence[Hook] = ()) -> Path:
     out, teacher_dir = Path(out), Path(teacher_dir)
     check_writable(out)
-    kd_cfg = _kd_config(settings)
+    kd_cfg = kd_config(settings)
     ses = kd_session(settings, kd_cfg, teacher_dir, settings.student, data, out=out)
     student = ses.student
     work = work_dir_for(out)
@@ -299,7 +299,7 @@ def prune_stage(settings: PruneSettings, model_dir: Path, teacher_dir: Path, dat
     require_model(model_dir, "run `dpq distill` first")
     if settings.prune_start > settings.prune_end:
         raise DpqError(f"prune.prune_start ({settings.prune_start}) must not be after prune_end ({settings.prune_end})")
-    ses = kd_session(settings, _kd_config(settings), teacher_dir, str(model_dir), data, out=out)
+    ses = kd_session(settings, kd_config(settings), teacher_dir, str(model_dir), data, out=out)
     student = ses.student
     params_before = models.param_count(student)
     heads, ffn = prune_fractions(settings, student)

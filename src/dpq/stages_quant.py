@@ -25,7 +25,7 @@ from .quant.ptq import QuantConfig, calibration_batches, quantize_model
 from .quant.qat import QATConfig, convert_qat, prepare_qat
 from .quant.vocab import trim_vocab, used_token_ids
 from .recipe import ExportSettings, QuantizeSettings
-from .stages import _kd_config, _state_cloner, check_writable, kd_session, require_model, work_dir_for
+from .stages import _state_cloner, check_writable, kd_config, kd_session, require_model, work_dir_for
 from .train import Hook, TrainConfig, train
 
 log = logging.getLogger("dpq")
@@ -137,7 +137,7 @@ def qat_stage(settings: QuantizeSettings, model_dir: Path, teacher_dir: Path | N
             meta.update(_trim(m, tok, data, settings))
         prepare_qat(m, qcfg)
 
-    ses = kd_session(settings, _kd_config(settings), Path(teacher_dir), str(model_dir), data,
+    ses = kd_session(settings, kd_config(settings), Path(teacher_dir), str(model_dir), data,
                      ensemble_with_student=settings.ensemble, prepare_student=prepare, out=out)
     student = ses.student
     work = work_dir_for(out)

@@ -32,16 +32,20 @@ COMBINE = ("average", "per-teacher")
 # ----------------------------------------------------------------------------- cached logits
 
 
+# what a plain model folder's identity is made of: weights, config and tokenizer files (vocab.txt, merges, spm)
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
+
+
 def teacher_key(teacher_dir: Path, train_fingerprint: str, max_length: int) -> str:
     """What the cached logits depend on: the teacher's files (its manifest's checksums, or for a plain model folder
-    the checksums of its weights and config), the training data and the length they were cut to."""
+    the checksums of its weights, config and tokenizer files), the training data and the length they were cut to."""
     manifest = artifacts.read_manifest(teacher_dir)
     if manifest is not None:
         files = manifest.get("files")
     else:
         folder = Path(teacher_dir)
         files = {p.name: file_digest(p) for p in sorted(folder.glob("*"))
-                 if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()} if folder.is_dir() else str(folder)
+                 if p.suffix in MODEL_FILE_SUFFIXES and p.is_file()} if folder.is_dir() else str(folder)
     blob = json.dumps([files, train_fingerprint, max_length], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
