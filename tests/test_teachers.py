@@ -62,12 +62,12 @@ def sealed(src, out, bias=None, version=0):
 
 def _session(teacher, other, sst2_slice, **kw):
     from dpq.pipeline import load_stage_data
-    from dpq.stages import _kd_config, kd_session
+    from dpq.stages import kd_config, kd_session
 
     settings = DistillSettings(student=str(teacher), max_train_samples=64, max_length=48,
                                extra_teachers=[str(other)], **kw)
     data = load_stage_data(DataSettings(path=str(sst2_slice)))
-    return kd_session(settings, _kd_config(settings), teacher, settings.student, data)
+    return kd_session(settings, kd_config(settings), teacher, settings.student, data)
 
 
 def _logits_by_hand(folder, texts):
