@@ -228,3 +228,18 @@ def test_run_reruns_what_read_data_or_a_model_edited_in_place(tmp_path, tiny_mod
     todo = dry_run(recipe, run)
     assert todo["teacher"] == "run   model changed" and todo["distill"].startswith("run   model changed (student)")
     assert "data changed" not in todo["evaluate"]
+
+
+def test_the_safety_checks_benchmark_times_a_first_and_a_remembered_hash(tmp_path, tiny_models, sst2_slice,
+                                                                          monkeypatch, capsys):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("safety_checks")
+    monkeypatch.setattr(sys, "argv", ["safety_checks.py", "--data", str(sst2_slice), "--model",
+                                      str(tiny_models["teacher"]), "--student", str(tiny_models["student"]),
+                                      "--repeats", "1"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "in 2 files" in out and "the tokenizers read the same pieces" in out
+    for line in ("data files: first hash", "model folder: first hash", "hidden-state KD check"):
+        assert line in out, out
