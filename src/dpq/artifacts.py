@@ -60,14 +60,14 @@ def _umask() -> int:
     return mask
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` under a unique temporary name, fsync it, and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an artifact is meant to be shared
@@ -76,6 +76,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def settings_hash(settings: dict) -> str:
@@ -187,13 +191,18 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _json_or_none(path: Path):
+    """The file's JSON, or None when it is absent, unreadable or not JSON (so it marks nothing as dpq's)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def dpq_manifest(folder: Path) -> dict | None:
     """``folder``'s manifest when it is a dpq one (a mapping with a kind, its files and a settings hash), else None:
     a ``manifest.json`` of some other tool, or one cut short, never makes a folder dpq's."""
-    try:
-        m = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    m = _json_or_none(Path(folder) / MANIFEST)
     ok = isinstance(m, dict) and isinstance(m.get("kind"), str) and isinstance(m.get("files"), dict)
     return m if ok and "settings_hash" in m else None
 
@@ -294,10 +303,7 @@ def check_not_input(out: Path, inputs: list[tuple[str, object]]) -> None:
 
 
 def run_marker(folder: Path) -> dict | None:
-    try:
-        m = json.loads((Path(folder) / RUN_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
+    m = _json_or_none(Path(folder) / RUN_MARKER)
     return m if isinstance(m, dict) and m.get("kind") == "run" else None
 
 

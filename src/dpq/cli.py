@@ -160,9 +160,10 @@ def _cmd_stage(args) -> None:
     """Any declared stage alone: the same settings, input checks, key and runner as in `dpq run`. The output folder
     is checked (dpq's to replace, none of the inputs) before any data is read or lock taken."""
     from . import artifacts, locks
-    from .pipeline import run_stage, stage_status
+    from .pipeline import data_inputs, run_stage, stage_status
     from .recipe import build
     from .registry import COMMANDS as STAGES
+    from .registry import MODEL_SETTINGS
     from .stages import check_writable
 
     stage = STAGES[args.command]
@@ -177,10 +178,10 @@ def _cmd_stage(args) -> None:
     if args.force or stage_status(out, key)[0]:  # a stage that is skipped writes nothing, wherever it is
         artifacts.check_replaceable(out, stage.name)
         read = [(f"--{k}", v) for k, v in inputs.items()]
-        read += [(f"--{f}", getattr(settings, f)) for f in ("model", "student") if getattr(settings, f, None)]
+        read += [(f"--{f}", getattr(settings, f)) for f in MODEL_SETTINGS if getattr(settings, f, None)]
         read += [("--extra-teachers", t) for t in getattr(settings, "extra_teachers", None) or ()]
         if data_settings is not None:
-            read += [("--data", p) for p in dict.fromkeys([data_settings.path, *data_settings.path.split(",")])]
+            read += data_inputs(data_settings.path, "--data")
         artifacts.check_not_input(out, read)
         check_writable(out, create=False)
         locks.check_free(out)
@@ -278,7 +279,8 @@ def _check_json_out(path: Path, models: list[Path]) -> None:
 
 
 def _is_evaluate_json(path: Path) -> bool:
-    """What ``dpq evaluate --json`` writes: a list of rows, each naming its model and runtime."""
+    """What ``dpq evaluate --json`` writes: a list of rows, each naming its model and runtime (a file of rows an
+    older dpq wrote, or one cut short by hand, is still dpq's to replace: ``report.read_results`` is stricter)."""
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

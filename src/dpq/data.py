@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,7 +248,7 @@ def _header_of(path: Path) -> list[str] | None:
     return fields
 
 
-INTEGER = re.compile(r"-?\d+")
+INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits, as recipe.INTEGER: int() also reads "١٢"
 
 
 def _label_of(value) -> tuple[str | None, str]:
@@ -511,16 +510,11 @@ def file_digest(path: Path) -> str:
 
 def _write_digest(entry: Path, record: dict) -> None:
     global _unwritable_cache_said
-    tmp = None
+    from .artifacts import write_json_atomic
+
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, entry)
+        write_json_atomic(entry, record)
     except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         if not _unwritable_cache_said:
             _unwritable_cache_said = True
             log.warning("cannot write the file-digest cache %s (%s); hashing in memory, files are read again "

@@ -8,6 +8,7 @@ one per mapped layer; attention maps are compared head by head where the head co
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -43,12 +44,10 @@ def _pieces(tokenizer, texts: list[str]) -> list[list[str]]:
     """Each text as the token strings the model reads, with every special token (CLS or <s>, SEP or </s>, UNK) named
     by its role: two tokenizers that number one vocabulary differently, or spell their markers differently (MiniLM
     and MPNet), still give the same pieces at the same positions."""
-    roles = {getattr(tokenizer, f"{r}_token_id", None): f"<{r}>" for r in ("cls", "sep", "bos", "eos", "unk")}
-    roles.pop(None, None)
-    out = []
-    for ids in tokenizer(texts)["input_ids"]:
-        out.append([roles.get(i) or tokenizer.convert_ids_to_tokens(i) for i in ids])
-    return [[{"<bos>": "<cls>", "<eos>": "<sep>"}.get(p, p) for p in seq] for seq in out]
+    roles = {"cls": "<cls>", "bos": "<cls>", "sep": "<sep>", "eos": "<sep>", "unk": "<unk>"}
+    by_id = {i: name for r, name in roles.items() if (i := getattr(tokenizer, f"{r}_token_id", None)) is not None}
+    return [[by_id.get(i, piece) for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids))]
+            for ids in tokenizer(texts)["input_ids"]]
 
 
 def check_same_tokens(cfg: KDConfig, student_tokenizer, teacher_tokenizer, texts) -> None:
@@ -57,7 +56,7 @@ def check_same_tokens(cfg: KDConfig, student_tokenizer, teacher_tokenizer, texts
     the pieces themselves: neither the files' paths nor the ids' numbering matter."""
     if not cfg.needs_teacher_forward:
         return
-    sample = [t for t in list(texts)[:256] if isinstance(t, str)]
+    sample = [t for t in itertools.islice(texts, 256) if isinstance(t, str)]
     s_pieces, t_pieces = _pieces(student_tokenizer, sample), _pieces(teacher_tokenizer, sample)
     for text, s, t in zip(sample, s_pieces, t_pieces):
         if s != t:

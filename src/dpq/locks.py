@@ -58,8 +58,7 @@ def check_free(folder: Path, *, covers_inside: bool = False) -> None:
     if folder in _held or not devices.is_main():
         return
     if (holder := _busy(path)) is not None:
-        raise DpqError(f"{folder}: already being written by {holder}; wait for it to finish or choose another "
-                       "output folder")
+        raise _written_by(folder, holder)
     _refuse_if_busy(folder, _busy_above(folder) or (_busy_below(folder) if covers_inside else None))
 
 
@@ -95,6 +94,11 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
+def _written_by(folder: Path, holder: str) -> DpqError:
+    return DpqError(f"{folder}: already being written by {holder}; wait for it to finish or choose another output "
+                    "folder")
+
+
 def _holder(fd: int) -> str:
     return os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
 
@@ -108,8 +112,7 @@ def _acquire(folder: Path) -> int:
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise DpqError(f"{folder}: already being written by {holder}; wait for it to finish or choose "
-                           "another output folder") from None
+            raise _written_by(folder, holder) from None
         if _same_file(fd, path):  # else its holder removed it as we opened it: the lock is on a file no one sees
             return fd
         os.close(fd)

@@ -398,7 +398,8 @@ def _load_built(src: str, config, eager_attention: bool, mismatched: list | None
         del state[k]
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(model, "_tied_weights_keys", None) or {}
-    missing = [k for k in missing if k not in tied and k not in {m[0] for m in other}]
+    reshaped = {k for k, _, _ in other}
+    missing = [k for k in missing if k not in tied and k not in reshaped]
     if missing or unexpected or (other and mismatched is None):
         raise DpqError(f"{src}: weights do not match the config's recorded transforms (missing {missing[:3]}, "
                        f"unexpected {unexpected[:3]}, other shapes {[m[0] for m in other][:3]})")

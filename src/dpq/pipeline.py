@@ -78,6 +78,7 @@ class Pipeline:
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self._data: TextData | None = None
+        self._steps: list[registry.Step] | None = None
 
     def data(self) -> TextData:
         if self._data is None:
@@ -87,7 +88,10 @@ class Pipeline:
         return self._data
 
     def plan(self) -> list[registry.Step]:
-        return registry.plan(self.recipe, self.run_dir, self.data)
+        """Planned once: every key holds the content digests of the run's local files."""
+        if self._steps is None:
+            self._steps = registry.plan(self.recipe, self.run_dir, self.data)
+        return self._steps
 
     def run(self, *, dry_run: bool = False) -> list[tuple[str, bool, str]]:
         steps = []
@@ -113,7 +117,7 @@ def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | N
     run_dir = Path(out) if out else Path("runs") / (recipe.name + (f"-{profile}" if profile else ""))
     pipe = Pipeline(recipe, run_dir)
     text = dump_recipe(recipe).encode()
-    todo = _check_run_outputs(recipe, run_dir, pipe.plan(), text)
+    running = _check_run_outputs(recipe, run_dir, pipe.plan(), text)
     if dry_run:
         steps = pipe.run(dry_run=True)
         width = max(len(name) for name, _, _ in steps)
@@ -121,9 +125,8 @@ def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | N
             print(f"{name:{width}s}  {'run ' if todo else 'skip'}  {why}")
         return run_dir
     check_writable(run_dir, create=False)
-    if todo:
-        pipe.data()  # the data is read (and refused, if it must be) before the run folder, its recipe or a lock
-        _check_models(recipe, pipe.plan(), pipe.data())
+    if running:  # the data is read (and refused, if it must be) before the run folder, its recipe or a lock
+        _check_models(recipe, running, pipe.data())
     devices.barrier()  # every process has looked at the run folder before the main one writes into it
     with locks.hold(run_dir, covers_inside=True):
         if devices.is_main():
@@ -140,43 +143,42 @@ def run_recipe(path: str, *, profile: str | None, out: str | None, data: str | N
     return run_dir
 
 
-def _kind(step: registry.Step) -> str:
-    """The kind a step's manifest says (its name up to the fan-out: quantize-rtn, export-int8-pruned)."""
-    return {"evaluate": "evaluation"}.get(step.name, step.name.split("-")[0])
-
-
 def _external_inputs(recipe: Recipe) -> list[tuple[str, str]]:
     """The folders and files a run reads from outside itself: the run folder must be none of them."""
     inputs = [("teacher.model", recipe.teacher.model), ("distill.student", recipe.distill.student)]
     for section in ("distill", "prune", "quantize"):
         inputs += [(f"{section}.extra_teachers", str(t)) for t in getattr(recipe, section).extra_teachers
                    if t not in registry.MODEL_STEPS]
-    spec = str(recipe.data.path)
-    return inputs + [("data", p) for p in dict.fromkeys([spec, *spec.split(",")])]
+    return inputs + data_inputs(recipe.data.path)
 
 
-def _check_run_outputs(recipe: Recipe, run_dir: Path, steps: list[registry.Step], text: bytes) -> bool:
+def data_inputs(spec, flag: str = "data") -> list[tuple[str, str]]:
+    """The paths a data spec reads (a folder, or each of TRAIN,DEV), for ``artifacts.check_not_input``."""
+    spec = str(spec)
+    return [(flag, p) for p in dict.fromkeys([spec, *spec.split(",")])]
+
+
+def _check_run_outputs(recipe: Recipe, run_dir: Path, steps: list[registry.Step], text: bytes) -> set[str]:
     """Refuse, before anything is read or written, a run that would replace what dpq did not write: a run folder dpq
     did not make (or one of the run's inputs), a stage folder that is not that stage's earlier artifact, a report or
-    evaluation folder it did not write, a recipe.yaml edited since. Returns whether any stage is to run."""
+    evaluation folder it did not write, a recipe.yaml edited since. Returns the names of the stages to run."""
     locks.check_free(run_dir, covers_inside=True)
     artifacts.check_run_folder(run_dir)
     artifacts.check_not_input(run_dir, _external_inputs(recipe))
-    todo = False
+    running = {step.name for step in steps if stage_status(step.out, step.key)[0]}
     for step in steps:
-        if stage_status(step.out, step.key)[0]:
-            todo = True
-            artifacts.check_replaceable(step.out, _kind(step))
+        if step.name in running:
+            artifacts.check_replaceable(step.out, step.kind)
             locks.check_free(step.out)
     artifacts.check_replaceable(run_dir / "report", "report")
     _check_recipe_copy(run_dir, text)
-    if todo:  # a local model folder that is none is said now; hub ids and packaged models are fetched when used
+    if running:  # a local model folder that is none is said now; hub ids and packaged models are fetched when used
         from .models import resolve
 
         for model in (recipe.teacher.model, recipe.distill.student):
             if Path(model).expanduser().is_dir():
                 resolve(model)
-    return todo
+    return running
 
 
 # which recipe sections' stages read which models: (section, the models their max_length must fit, KD)
@@ -185,19 +187,19 @@ _MODEL_READERS = (("teacher", ("teacher",), False), ("baseline", ("student",), F
                   ("quantize", ("teacher", "student"), True))
 
 
-def _check_models(recipe: Recipe, steps: list[registry.Step], data: TextData) -> None:
+def _check_models(recipe: Recipe, running: set[str], data: TextData) -> None:
     """What a later stage would otherwise find only after the stages before it trained: a ``max_length`` above a
     model's position limit, hidden-state or attention KD between models whose tokenizers differ. Checked for the
     local and packaged models (a hub id is fetched by its own stage, and checked there)."""
     from . import models
-    from .distill import check_same_tokens
+    from .distill import KDConfig, check_same_tokens
     from .quant import methods
     from .stages import kd_config
 
-    running = {s.name for s in steps if stage_status(s.out, s.key)[0]}
     ids = {"teacher": recipe.teacher.model, "student": recipe.distill.student}
     local = {k: src for k, v in ids.items() if Path(src := models.resolve(v)).is_dir()}
-    limits = {k: models.position_limit(models.meta_model(ids[k], src)) for k, src in local.items()}
+    meta = {k: models.meta_model(ids[k], src) for k, src in local.items()}
+    hidden_kd = False
     for section, readers, kd in _MODEL_READERS:
         names = [n for n in running if n == section or n.startswith(section + "-")]
         if not names:
@@ -205,13 +207,12 @@ def _check_models(recipe: Recipe, steps: list[registry.Step], data: TextData) ->
         if section == "quantize" and not any(n.split("-")[1] in methods.TRAINED for n in names):
             readers, kd = ("student",), False  # post-training methods read the student alone
         settings = getattr(recipe, section)
-        for who in readers:
-            if (limit := limits.get(who)) is not None and settings.max_length > limit:
-                raise DpqError(f"{section}.max_length {settings.max_length} is above {ids[who]}'s position limit "
-                               f"({limit} tokens): set it to at most {limit}")
-        if kd and "teacher" in readers and local.keys() >= {"teacher", "student"}:
-            check_same_tokens(kd_config(settings), models.load_tokenizer(ids["student"]),
-                              models.load_tokenizer(ids["teacher"]), data.split("train").texts)
+        for who in (w for w in readers if w in meta):
+            models.check_max_length(meta[who], settings.max_length, ids[who], setting=f"{section}.max_length")
+        hidden_kd = hidden_kd or (kd and kd_config(settings).needs_teacher_forward)
+    if hidden_kd and local.keys() >= {"teacher", "student"}:  # one pair of tokenizers for every KD stage
+        check_same_tokens(KDConfig(hidden_weight=1.0), models.load_tokenizer(ids["student"]),
+                          models.load_tokenizer(ids["teacher"]), data.split("train").texts)
 
 
 def _sha256(data: bytes) -> str:
@@ -240,17 +241,5 @@ def _start_run_folder(run_dir: Path, text: bytes) -> None:
     path = run_dir / "recipe.yaml"
     there = [artifacts.sha256_file(path)] if path.is_file() else []
     artifacts.mark_run_folder(run_dir, list(dict.fromkeys([_sha256(text), *there])))
-    _write_bytes_atomic(path, text)
+    artifacts.write_bytes_atomic(path, text)
 
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

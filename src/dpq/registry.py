@@ -215,6 +215,11 @@ class Step:
     trains: bool  # a training loop: every process of a multi-process job takes part
     measured: bool = True  # evaluated as a PyTorch row (quantized folders are measured through their exports)
 
+    @property
+    def kind(self) -> str:
+        """The kind its artifact's manifest says: the stage's name up to the fan-out (quantize-rtn, export-int8-…)."""
+        return {"evaluate": "evaluation"}.get(self.name, self.name.split("-")[0])
+
 
 @dataclass
 class Plan:
